@@ -1,0 +1,43 @@
+"""Naive baseline, the papers' "Linear Quant" row (METHODS.md §2).
+
+Round-to-nearest weights with per-channel ranges, per-tensor activation ranges from the
+calibration inputs over all timesteps (one set shared by all steps). No reconstruction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import QuantConfig
+from ..model.qmodel import QuantModel
+from .stages import ForwardLoop, init_weight_quantizers, observe_activations
+
+
+@dataclass
+class NaiveConfig:
+    """Options of the naive recipe (its coverage is the wrap config's)."""
+
+    #: weight range init: minmax | lp_shrink (applied through QuantConfig.weight_init)
+    w_init: str = "minmax"
+    #: activation range init: minmax (global) | ema_minmax
+    a_init: str = "minmax"
+
+    def apply_to(self, quant: QuantConfig) -> QuantConfig:
+        quant.weight_init = self.w_init
+        quant.act_init = self.a_init
+        quant.__post_init__()
+        return quant
+
+
+def run_naive(qmodel: QuantModel, forward_loop: ForwardLoop | None, config: NaiveConfig | None = None) -> QuantModel:
+    """Calibrate ``qmodel`` in place: weights, then activation ranges from ``forward_loop``."""
+    config = config or NaiveConfig()
+    init_weight_quantizers(qmodel)
+    if qmodel.config.quantize_acts and qmodel.quantizers("act"):
+        if forward_loop is None:
+            raise ValueError("activation quantization needs calibration data (forward_loop)")
+        observe_activations(qmodel, forward_loop)
+    qmodel.set_quant_state(weights=qmodel.config.quantize_weights, acts=qmodel.config.quantize_acts)
+    qmodel.recipe = "naive"
+    qmodel.recipe_config = config
+    qmodel.eval()
+    return qmodel

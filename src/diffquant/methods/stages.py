@@ -1,0 +1,46 @@
+"""Calibration stages shared by recipes (a recipe is a composition of these)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model.qmodel import QuantModel
+
+#: runs calibration data through a model: ``forward_loop(model)``
+ForwardLoop = Callable[[nn.Module], None]
+
+
+@torch.no_grad()
+def init_weight_quantizers(qmodel: QuantModel) -> None:
+    """Initialise every weight quantizer from its own weight (part), under its init policy."""
+    for layer in qmodel.layers().values():
+        for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
+            if not q.is_float:
+                q.init_from(w.detach())
+        layer.clear_cache()
+
+
+@torch.no_grad()
+def observe_activations(qmodel: QuantModel, forward_loop: ForwardLoop, *, weights: bool = True) -> None:
+    """Run calibration data with every activation quantizer in ``observe`` mode.
+
+    Ranges accumulate over all batches under each quantizer's init policy (``minmax``: the
+    global min/max over all batches and timesteps); weights are quantized meanwhile unless
+    ``weights=False``.
+    """
+    qmodel.eval()
+    qmodel.set_quant_state(weights=weights, acts=True)
+    for q in qmodel.quantizers("act").values():
+        q.reset()
+    qmodel.set_act_mode("observe")
+    try:
+        forward_loop(qmodel)
+    finally:
+        qmodel.set_act_mode("quantize")
+    missing = [n for n, q in qmodel.quantizers("act").items() if q.active and not bool(q.initialized.all())]
+    if missing:
+        # a quantizer the calibration data never reached (e.g. an unused layer): keep it FP
+        for name in missing:
+            qmodel.quantizers("act")[name].enabled = False

@@ -1,0 +1,131 @@
+"""The quantized model: the user's model with layers swapped, plus the quantization plan.
+
+``QuantModel`` is called exactly like the wrapped model. Before each call it looks up the
+timestep argument in the calibrated schedule (per-timestep tables, METHODS.md §1.7), so every
+quantizer with a table reads the row of *this* timestep — no call counter.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..nn.attention import QuantAttnProcessor
+from ..nn.layers import QuantLayer
+from ..quant.quantizer import UniformQuantizer
+from ..quant.timestep import TimestepIndex
+from .plan import UnitPlan, WrapPlan
+
+
+def extract_timestep(args: tuple, kwargs: dict):
+    """The timestep argument of a denoiser call: ``timestep=``/``t=`` or the 2nd positional."""
+    for key in ("timestep", "timesteps", "t"):
+        if key in kwargs:
+            return kwargs[key]
+    if len(args) > 1:
+        return args[1]
+    return None
+
+
+class QuantModel(nn.Module):
+    def __init__(self, model: nn.Module, config: QuantConfig, plan: WrapPlan, float_keys: list[str]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.plan = plan
+        self.timestep_index = TimestepIndex(plan.timesteps, config.timestep_lookup)
+        #: state-dict keys of the float model (saved separately from the quantizer state)
+        self.float_keys = list(float_keys)
+        self.recipe = "none"
+        self.recipe_config: dict = {}
+        for q in self.quantizers().values():
+            q.timestep_index = self.timestep_index
+
+    # ------------------------------------------------------------------ calling
+    def forward(self, *args, **kwargs):
+        if self.timestep_index.timesteps:
+            t = extract_timestep(args, kwargs)
+            if t is None:
+                raise TypeError("per-timestep quantization needs the timestep argument of the denoiser")
+            self.timestep_index.select(t)
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # let pipelines read e.g. ``unet.config`` / ``unet.dtype`` of the wrapped model
+            return getattr(self._modules["model"], name)
+
+    # ------------------------------------------------------------------ access
+    def layers(self) -> dict[str, QuantLayer]:
+        return {lp.name: self.model.get_submodule(lp.name) for lp in self.plan.layers}
+
+    def attention_processors(self) -> dict[str, QuantAttnProcessor]:
+        return {name: self.model.get_submodule(name).processor for name in self.plan.attention}
+
+    def quantizers(self, which: str = "all") -> dict[str, UniformQuantizer]:
+        """Quantizers by qualified name; ``which`` = all | weight | act."""
+        out = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, UniformQuantizer):
+                is_weight = ".weight_quantizers." in f".{name}"
+                if which == "all" or (which == "weight") == is_weight:
+                    out[name] = m
+        return out
+
+    def unit_modules(self) -> Iterator[tuple[UnitPlan, nn.Module]]:
+        for unit in self.plan.units:
+            yield unit, self.model.get_submodule(unit.name)
+
+    def set_quant_state(self, weights: bool | None = None, acts: bool | None = None) -> None:
+        """Switch weight and/or activation quantization on or off for the whole model."""
+        for layer in self.layers().values():
+            if weights is not None:
+                layer.use_weight_quant = weights
+            if acts is not None:
+                layer.use_act_quant = acts
+        if acts is not None:
+            for proc in self.attention_processors().values():
+                proc.use_act_quant = acts
+
+    def set_act_mode(self, mode: str) -> None:
+        for q in self.quantizers("act").values():
+            q.mode = mode
+
+    def set_timesteps(self, timesteps: list[int]) -> None:
+        """Set the calibrated schedule (tables must already have one row per step)."""
+        self.timestep_index.set_timesteps(timesteps)
+        self.plan.timesteps = list(self.timestep_index.timesteps)
+
+    # ------------------------------------------------------------------ reporting
+    def quant_state_dict(self) -> dict[str, Tensor]:
+        """Everything the quantization added (quantizer state, rounding, ...), not float weights."""
+        floats = {f"model.{k}" for k in self.float_keys}
+        return {k: v for k, v in self.state_dict().items() if k not in floats}
+
+    def summary(self) -> str:
+        rows = [("layer", "kind", "W bits", "A bits", "granularity", "split", "roles")]
+        for lp in self.plan.layers:
+            layer = self.model.get_submodule(lp.name)
+            wq = layer.weight_quantizers[0]
+            gran = "channel" if wq.channel_axis is not None else "tensor"
+            a_bits = str(lp.act_bits) if lp.quantize_input else f"{lp.act_bits} (input FP)"
+            rows.append((lp.name, lp.kind, str(lp.weight_bits), a_bits, gran, str(lp.split or "-"), ",".join(lp.roles) or "-"))
+        for name in self.plan.attention:
+            proc = self.model.get_submodule(name).processor
+            rows.append((name, "attn matmuls", "-", f"{proc.q_quantizer.bits} (P: {proc.probs_quantizer.bits})", "tensor", "-", "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n_units = len(self.plan.units)
+        n_blocks = sum(u.kind == "block" for u in self.plan.units)
+        lines.append(f"{len(self.plan.layers)} quantized layers, {len(self.plan.attention)} attention modules, "
+                     f"{n_units} reconstruction units ({n_blocks} blocks)")
+        return "\n".join(lines)
+
+    def clear_weight_cache(self) -> None:
+        for layer in self.layers().values():
+            layer.clear_cache()

@@ -1,0 +1,98 @@
+"""Quantized act-to-act matmuls of diffusers ``Attention`` (METHODS.md §1.8).
+
+Installed with ``Attention.set_processor`` — the Attention module itself is not patched. The
+processor is an ``nn.Module``, so its quantizers are registered under ``<attn>.processor`` and
+saved with the rest of the quantizer state.
+
+- q and k: per-tensor, A bits, asymmetric, quantized before QKᵀ;
+- scores and softmax in FP32; the probabilities P on an unsigned zero-anchored grid
+  (``softmax_bits``, 16 = not quantized);
+- v: per-tensor, A bits, quantized before P·V. P·V itself is left to the next linear layer.
+
+When none of its quantizers is active the original float processor runs, so a W16A16 model
+reproduces the float model exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import QuantizerSpec
+
+MATMUL_QUANTIZERS = ("q", "k", "v", "probs")
+
+
+class QuantAttnProcessor(nn.Module):
+    def __init__(self, act_spec: QuantizerSpec, softmax_spec: QuantizerSpec, float_processor=None):
+        super().__init__()
+        self.q_quantizer = act_spec.build()
+        self.k_quantizer = act_spec.build()
+        self.v_quantizer = act_spec.build()
+        self.probs_quantizer = softmax_spec.build()
+        # kept as a plain attribute (not a submodule) so it is neither saved nor moved
+        self.__dict__["float_processor"] = float_processor
+        self.use_act_quant = True
+
+    def quantizers(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, f"{name}_quantizer") for name in MATMUL_QUANTIZERS}
+
+    @property
+    def active(self) -> bool:
+        return self.use_act_quant and any(q.active for q in self.quantizers().values())
+
+    def _maybe(self, quantizer: nn.Module, x: Tensor) -> Tensor:
+        return quantizer(x) if self.use_act_quant else x
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        # explicit signature: diffusers forwards only the keyword arguments a processor names
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if not self.active and self.float_processor is not None:
+            return self.float_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self._quantized_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+    def _quantized_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = self._maybe(self.q_quantizer, attn.head_to_batch_dim(query))
+        key = self._maybe(self.k_quantizer, attn.head_to_batch_dim(key))
+        value = self._maybe(self.v_quantizer, attn.head_to_batch_dim(value))
+
+        dtype = query.dtype
+        scores = torch.bmm(query.float(), key.float().transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(dim=-1)
+        probs = self._maybe(self.probs_quantizer, probs).to(dtype)
+
+        hidden_states = torch.bmm(probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

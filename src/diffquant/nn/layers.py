@@ -1,0 +1,203 @@
+"""Quantized Conv1d / Conv2d / ConvTranspose2d / Linear layers.
+
+A :class:`QuantLayer` replaces one float layer. It keeps the float layer's own ``weight`` and
+``bias`` Parameters (the same tensor objects, under the same names) and adds
+
+- a per-output-channel weight quantizer and a per-tensor input-activation quantizer, or
+- for a *split* layer (its input is a channel concatenation, METHODS.md §1.9) one activation
+  quantizer per input part and one weight quantizer per matching input-channel slice:
+  Q(X)Q(W) = Q₁(X₁)Q₁′(W₁) + Q₂(X₂)Q₂′(W₂).
+
+All quantizers are created here, at wrap time. While nothing is being learned the fake-quantized
+weight is cached and reused, keyed on the versions of every tensor it depends on, so sampling
+does not re-quantize weights on every call and any in-place update invalidates the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..quant.quantizer import UniformQuantizer
+
+SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+@dataclass
+class QuantizerSpec:
+    """Everything needed to build one quantizer (channels and axis are filled in per layer)."""
+
+    bits: int = 8
+    grid: str = "asymmetric"
+    per_channel: bool = False
+    init: str = "minmax"
+    num_steps: int = 1
+    include_zero: bool = True
+    clamp_zero_point: bool = True
+    momentum: float | None = None
+    init_options: dict = field(default_factory=dict)
+
+    def build(self, channel_axis: int | None = None, channels: int = 1) -> UniformQuantizer:
+        axis = channel_axis if self.per_channel else None
+        return UniformQuantizer(
+            bits=self.bits,
+            grid=self.grid,
+            channel_axis=axis,
+            channels=channels if self.per_channel else 1,
+            init=self.init,
+            num_steps=self.num_steps,
+            include_zero=self.include_zero,
+            clamp_zero_point=self.clamp_zero_point,
+            momentum=self.momentum,
+            init_options=self.init_options,
+        )
+
+
+def layer_kind(module: nn.Module) -> str:
+    for cls in SUPPORTED:
+        if type(module) is cls:
+            return cls.__name__
+    raise ConfigError(f"cannot quantize a {type(module).__name__}")
+
+
+class QuantLayer(nn.Module):
+    """A quantized stand-in for one Conv1d/Conv2d/ConvTranspose2d/Linear."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        weight_spec: QuantizerSpec,
+        act_spec: QuantizerSpec,
+        split: int | None = None,
+    ):
+        super().__init__()
+        self.kind = layer_kind(module)
+        self.weight = module.weight
+        self.bias = module.bias
+        if self.kind == "Linear":
+            self.op_args: dict = {}
+        else:
+            self.op_args = dict(
+                stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups
+            )
+            if getattr(module, "padding_mode", "zeros") != "zeros":
+                raise ConfigError(f"padding_mode={module.padding_mode!r} is not supported")
+            if self.kind == "ConvTranspose2d":
+                self.op_args["output_padding"] = module.output_padding
+        transposed = self.kind == "ConvTranspose2d"
+        #: weight axis of output channels (per-channel quantization) and of input channels (split)
+        self.out_axis = 1 if transposed else 0
+        self.in_axis = 0 if transposed else 1
+        #: activation axis along which a concatenated input is split
+        self.act_axis = -1 if self.kind == "Linear" else 1
+        in_channels = self.weight.shape[self.in_axis] * (1 if transposed else self.op_args.get("groups", 1))
+        if split is not None:
+            if self.op_args.get("groups", 1) != 1:
+                raise ConfigError("split quantization needs groups=1")
+            if not 0 < split < in_channels:
+                raise ConfigError(f"split point {split} outside 1..{in_channels - 1}")
+        self.split = split
+        self.in_channels = in_channels
+        out_channels = self.weight.shape[self.out_axis]
+        parts = 1 if split is None else 2
+        self.weight_quantizers = nn.ModuleList(
+            weight_spec.build(self.out_axis, out_channels) for _ in range(parts)
+        )
+        self.act_quantizers = nn.ModuleList(act_spec.build(None, 1) for _ in range(parts))
+        #: optional learned rounding per weight part (AdaRound), attached by a recipe
+        self.adaround: nn.ModuleList | None = None
+        self.use_weight_quant = True
+        self.use_act_quant = True
+        self._cache_key: tuple | None = None
+        self._cache: Tensor | None = None
+
+    # ------------------------------------------------------------------ weight side
+    def weight_parts(self) -> list[Tensor]:
+        w = self.weight
+        if self.split is None:
+            return [w]
+        return list(torch.split(w, [self.split, w.shape[self.in_axis] - self.split], dim=self.in_axis))
+
+    def _dependencies(self) -> list[Tensor]:
+        deps = [self.weight]
+        for q in self.weight_quantizers:
+            deps += [q.step, q.zero_point]
+        if self.adaround is not None:
+            for r in self.adaround:
+                deps += list(r.parameters()) + list(r.buffers())
+        return deps
+
+    def _quantized_weight(self) -> Tensor:
+        parts = []
+        for i, (w, q) in enumerate(zip(self.weight_parts(), self.weight_quantizers)):
+            if not q.active:
+                parts.append(w)
+            elif self.adaround is not None:
+                parts.append(self.adaround[i](w, q))
+            else:
+                parts.append(q(w))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.in_axis)
+
+    def effective_weight(self) -> Tensor:
+        """The (fake-quantized) weight used by forward; cached while nothing is learned."""
+        if not self.use_weight_quant:
+            return self.weight
+        deps = self._dependencies()
+        learning = torch.is_grad_enabled() and any(t.requires_grad for t in deps)
+        if learning or any(q.mode == "observe" for q in self.weight_quantizers):
+            self._cache = self._cache_key = None
+            return self._quantized_weight()
+        key = (
+            tuple((id(t), t._version, t.device, t.dtype) for t in deps),
+            tuple((q.enabled, q.bits, q.mode) for q in self.weight_quantizers),
+            None if self.adaround is None else tuple(r.mode for r in self.adaround),
+        )
+        if self._cache is None or key != self._cache_key:
+            with torch.no_grad():
+                self._cache = self._quantized_weight()
+            self._cache_key = key
+        return self._cache
+
+    # ------------------------------------------------------------------ activation side
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if not self.use_act_quant:
+            return x
+        if self.split is None:
+            return self.act_quantizers[0](x)
+        size = x.shape[self.act_axis]
+        x1, x2 = torch.split(x, [self.split, size - self.split], dim=self.act_axis)
+        return torch.cat([self.act_quantizers[0](x1), self.act_quantizers[1](x2)], dim=self.act_axis)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.quantize_input(x)
+        w = self.effective_weight()
+        if self.kind == "Linear":
+            return F.linear(x, w, self.bias)
+        if self.kind == "Conv2d":
+            return F.conv2d(x, w, self.bias, **self.op_args)
+        if self.kind == "Conv1d":
+            return F.conv1d(x, w, self.bias, **self.op_args)
+        return F.conv_transpose2d(x, w, self.bias, **self.op_args)
+
+    def clear_cache(self) -> None:
+        self._cache = self._cache_key = None
+
+    def extra_repr(self) -> str:
+        split = f", split={self.split}" if self.split is not None else ""
+        return f"{self.kind}, weight={tuple(self.weight.shape)}{split}"
+
+
+def attach_adaround(layer: QuantLayer, modes: list[str] | None = None) -> nn.ModuleList:
+    """Give every weight part of ``layer`` a learned-rounding module (AdaRound, METHODS.md §1.3)."""
+    from ..quant.adaround import AdaRound
+
+    device = layer.weight.device
+    layer.adaround = nn.ModuleList(AdaRound(tuple(w.shape)).to(device) for w in layer.weight_parts())
+    if modes is not None:
+        for module, mode in zip(layer.adaround, modes):
+            module.mode = mode
+    layer.clear_cache()
+    return layer.adaround

@@ -1,0 +1,78 @@
+"""Per-timestep parameter tables (METHODS.md §1.7).
+
+A quantized model owns one :class:`TimestepIndex`. At every denoiser call it looks up the
+timestep passed to the denoiser in the calibrated schedule t_0 … t_{K-1} and publishes the step
+index k; quantizers with a table of K entries read row k. There is no call counter: the same t
+always selects the same entry, however many extra forwards happen.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DiffquantError
+
+LOOKUP_MODES = ("exact", "nearest")
+
+
+class TimestepIndex:
+    """The calibrated timestep list and the row selected for the current denoiser call."""
+
+    def __init__(self, timesteps: Sequence[int] | None = None, lookup: str = "exact"):
+        if lookup not in LOOKUP_MODES:
+            raise ConfigError(f"timestep_lookup must be one of {LOOKUP_MODES}, got {lookup!r}")
+        self.lookup = lookup
+        self.timesteps: list[int] = [int(t) for t in timesteps] if timesteps is not None else []
+        self.index: int = 0
+
+    @property
+    def num_steps(self) -> int:
+        return max(1, len(self.timesteps))
+
+    def set_timesteps(self, timesteps: Sequence[int]) -> None:
+        self.timesteps = [int(t) for t in timesteps]
+        self.index = 0
+
+    def index_of(self, t: int | Tensor) -> int:
+        """Row for timestep ``t``: exact match, or the nearest one in ``nearest`` mode."""
+        if not self.timesteps:
+            return 0
+        if isinstance(t, Tensor):
+            flat = t.detach().reshape(-1)
+            if flat.numel() == 0:
+                raise DiffquantError("the denoiser was called with an empty timestep tensor")
+            if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+                raise DiffquantError(
+                    "per-timestep quantization needs one timestep per denoiser call; "
+                    f"got a batch with different timesteps {sorted(set(flat.tolist()))[:5]}"
+                )
+            t = flat[0].item()
+        t_val = float(t)
+        if self.lookup == "exact":
+            for k, tk in enumerate(self.timesteps):
+                if tk == t_val:
+                    return k
+            raise DiffquantError(
+                f"timestep {t_val:g} is not in the calibrated schedule "
+                f"({self.timesteps[0]}..{self.timesteps[-1]}, {len(self.timesteps)} steps); sample "
+                "with the calibration schedule or set timestep_lookup='nearest'"
+            )
+        diffs = [abs(tk - t_val) for tk in self.timesteps]
+        return int(min(range(len(diffs)), key=diffs.__getitem__))
+
+    def select(self, t: int | Tensor) -> int:
+        self.index = self.index_of(t)
+        return self.index
+
+    def to_dict(self) -> dict:
+        return {"timesteps": list(self.timesteps), "lookup": self.lookup}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TimestepIndex":
+        return cls(data.get("timesteps") or None, data.get("lookup", "exact"))
+
+
+def as_timestep_tensor(t, device=None) -> Tensor:
+    return t if isinstance(t, Tensor) else torch.tensor(t, device=device)

@@ -1,0 +1,320 @@
+"""Named diffusion models and local diffusers folders, loaded into one :class:`DiffusionBundle`.
+
+A bundle carries the denoiser and everything a sampler needs to drive it: the scheduler config
+(a diffusers config dict), the sample shape, the class-conditioning convention and the way the
+denoiser is called. :meth:`DiffusionBundle.predict_noise` takes the denoiser as an argument, so a
+quantized wrapper with the same call signature can be swapped in (:meth:`DiffusionBundle.with_unet`).
+
+Nothing is ever downloaded: names resolve to files in the assets directory
+(:func:`diffquant.paths.assets_dir`) or in the package, and paths to local folders.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from diffquant.errors import DiffquantError
+from diffquant.paths import BUNDLED_DIR, assets_dir
+
+NUM_TRAIN_TIMESTEPS = 1000
+DEFAULT_CONTEXT_TOKENS = 77
+
+# How the denoiser is called (see DiffusionBundle.predict_noise).
+CALL_POSITIONAL = "positional"  # unet(x, t) -> Tensor
+CALL_DIFFUSERS = "diffusers"  # unet(x, t, class_labels=...) -> output with .sample
+CALL_DIFFUSERS_CONDITION = "diffusers_condition"  # + encoder_hidden_states=...
+CALL_CONVENTIONS = (CALL_POSITIONAL, CALL_DIFFUSERS, CALL_DIFFUSERS_CONDITION)
+
+
+def linear_ddpm_config(clip_sample: bool = True) -> dict[str, Any]:
+    """DDPMScheduler config of the classic DDPM: linear β 1e-4 → 0.02, T = 1000, ε-prediction."""
+    return {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "variance_type": "fixed_small",
+        "clip_sample": clip_sample,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    }
+
+
+def denoiser_output_tensor(out: Any) -> Tensor:
+    """The ε tensor from a denoiser's return value (Tensor, diffusers output, or tuple)."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"cannot read a noise prediction from a {type(out).__name__}")
+
+
+@dataclass
+class DiffusionBundle:
+    """A denoiser plus what a sampler needs to know about it."""
+
+    name: str
+    unet: nn.Module
+    scheduler_config: dict[str, Any]
+    sample_shape: tuple[int, int, int]
+    num_classes: int | None = None
+    null_class: int | None = None
+    call_convention: str = CALL_POSITIONAL
+    context_shape: tuple[int, int] | None = None  # (tokens, dim) of encoder_hidden_states
+    source: str | None = None  # where the weights came from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.call_convention not in CALL_CONVENTIONS:
+            raise ValueError(f"unknown call convention {self.call_convention!r}")
+        self.sample_shape = tuple(int(s) for s in self.sample_shape)  # type: ignore[assignment]
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def with_unet(self, new_unet: nn.Module) -> "DiffusionBundle":
+        """The same bundle driving another denoiser (e.g. a quantized wrapper)."""
+        return dataclasses.replace(self, unet=new_unet)
+
+    def _call_kwargs(self, batch: int, class_labels: Tensor | None, context: Tensor | None,
+                     device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.call_convention == CALL_POSITIONAL:
+            return kwargs
+        if self.is_conditional:
+            if class_labels is None:  # unconditional call of a class-conditional model
+                class_labels = torch.full((batch,), int(self.null_class), dtype=torch.long)
+            kwargs["class_labels"] = class_labels.to(device=device, dtype=torch.long)
+        if self.call_convention == CALL_DIFFUSERS_CONDITION:
+            if context is None:
+                tokens, dim = self.context_shape or (DEFAULT_CONTEXT_TOKENS, 1)
+                context = torch.zeros(batch, tokens, dim, device=device, dtype=dtype)
+            kwargs["encoder_hidden_states"] = context
+        return kwargs
+
+    def predict_noise(self, unet: nn.Module, x: Tensor, t: Tensor, class_labels: Tensor | None = None,
+                      context: Tensor | None = None) -> Tensor:
+        """Call ``unet`` on (x_t, t[B]) with this model's convention and return ε (x's shape).
+
+        ``class_labels`` are ignored by unconditional models; a class-conditional model called
+        without labels gets the null class. ``context`` defaults to zeros for cross-attention UNets.
+        """
+        kwargs = self._call_kwargs(x.shape[0], class_labels, context, x.device, x.dtype)
+        return denoiser_output_tensor(unet(x, t, **kwargs))
+
+    def example_inputs(self, batch: int = 2, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> tuple[tuple, dict[str, Any]]:
+        """A valid ``unet(*args, **kwargs)`` call: random x, a shared mid-range t, labels 0, 1, …"""
+        device = torch.device(device)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *self.sample_shape, generator=gen).to(device=device, dtype=dtype)
+        t = torch.full((batch,), self.num_train_timesteps // 2, dtype=torch.long, device=device)
+        labels = None
+        if self.is_conditional:
+            labels = torch.arange(batch, dtype=torch.long) % int(self.num_classes)
+        return (x, t), self._call_kwargs(batch, labels, None, device, dtype)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in models
+
+def _asset_file(model: str, relative: str, assets: str | os.PathLike | None) -> Path:
+    root = assets_dir(assets)
+    if root is None:
+        raise DiffquantError(
+            f"{model}: no assets directory found; expected <assets>/{relative} "
+            "(set DIFFQUANT_ASSETS=/path/to/assets or pass --assets)"
+        )
+    path = root / relative
+    if not path.is_file():
+        raise DiffquantError(
+            f"{model}: weights not found at {path} (set DIFFQUANT_ASSETS=/path/to/assets or pass --assets)"
+        )
+    return path
+
+
+def _load_mnist_resunet(assets: str | os.PathLike | None, device: str | torch.device) -> DiffusionBundle:
+    from diffquant.zoo.mnist_resunet import load_mnist_resunet
+
+    path = _asset_file("mnist-resunet", "models/mnist-resunet/ddpm_mnist.pth", assets)
+    return DiffusionBundle(
+        name="mnist-resunet",
+        unet=load_mnist_resunet(path, device),
+        scheduler_config=linear_ddpm_config(clip_sample=True),
+        sample_shape=(1, 28, 28),
+        source=str(path),
+    )
+
+
+def _load_mnist_convunet(assets: str | os.PathLike | None, device: str | torch.device) -> DiffusionBundle:
+    from diffquant.zoo.mnist_convunet import load_mnist_convunet
+
+    path = _asset_file("mnist-convunet", "models/mnist-convunet/ddpm_mnist.pt", assets)
+    return DiffusionBundle(
+        name="mnist-convunet",
+        unet=load_mnist_convunet(path, device),
+        # Its raw samples drift far outside [-1, 1]; clipping x0 would hide that.
+        scheduler_config=linear_ddpm_config(clip_sample=False),
+        sample_shape=(1, 28, 28),
+        source=str(path),
+    )
+
+
+BUNDLED_DEFAULT = "fmnist-unet"
+
+
+def _load_bundled_default(assets: str | os.PathLike | None, device: str | torch.device) -> DiffusionBundle:
+    folder = BUNDLED_DIR / BUNDLED_DEFAULT
+    if not (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+        raise DiffquantError(
+            f"the bundled default model is missing: expected a diffusers folder at {folder}"
+        )
+    return load_diffusers_folder(folder, device=device, name=BUNDLED_DEFAULT)
+
+
+MODELS: Mapping[str, Callable[[str | os.PathLike | None, str | torch.device], DiffusionBundle]] = (
+    MappingProxyType({
+        "mnist-resunet": _load_mnist_resunet,
+        "mnist-convunet": _load_mnist_convunet,
+        BUNDLED_DEFAULT: _load_bundled_default,
+        "default": _load_bundled_default,
+    })
+)
+
+
+def available_models() -> list[str]:
+    return list(MODELS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Local diffusers folders
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DiffquantError(f"cannot read {path}: {err}") from err
+
+
+def _public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _sample_shape(config: Mapping[str, Any], folder: Path) -> tuple[int, int, int]:
+    size = config.get("sample_size")
+    if size is None:
+        raise DiffquantError(f"{folder}: the UNet config has no sample_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config["in_channels"]), int(h), int(w)
+
+
+def _load_unet_folder(folder: Path, device: str | torch.device):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    config = _read_json(folder / "config.json")
+    class_name = config.get("_class_name", "UNet2DModel")
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if class_name not in classes:
+        raise DiffquantError(f"{folder}: unsupported model class {class_name!r} "
+                             "(expected UNet2DModel or UNet2DConditionModel)")
+    try:
+        unet = classes[class_name].from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DiffquantError(f"{folder}: cannot load {class_name}: {first_line}") from err
+    return unet.to(device).eval(), class_name, dict(unet.config)
+
+
+def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
+                          name: str | None = None) -> DiffusionBundle:
+    """Load a local diffusers UNet folder (config.json + weights) or pipeline folder.
+
+    Pipeline folders (``model_index.json``) read ``unet/`` and ``scheduler/scheduler_config.json``.
+    A UNet folder may carry a ``scheduler_config.json`` beside its config; otherwise the linear DDPM
+    schedule is assumed. Class-conditional UNet2DModels (``num_class_embeds``) use the last class
+    id as the null class for classifier-free guidance.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise DiffquantError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise DiffquantError(f"{folder}: expected a diffusers model folder (config.json + weights)")
+
+    if (folder / "model_index.json").is_file():
+        unet_dir, sched_file = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+        if not (unet_dir / "config.json").is_file():
+            raise DiffquantError(f"{folder}: pipeline folder without unet/config.json")
+        if not sched_file.is_file():
+            raise DiffquantError(f"{folder}: pipeline folder without scheduler/scheduler_config.json")
+    elif (folder / "config.json").is_file():
+        unet_dir, sched_file = folder, folder / "scheduler_config.json"
+    else:
+        raise DiffquantError(f"{folder}: neither config.json nor model_index.json found")
+
+    unet, class_name, config = _load_unet_folder(unet_dir, device)
+    if sched_file.is_file():
+        scheduler_config = _public_config(_read_json(sched_file))
+    else:
+        scheduler_config = linear_ddpm_config(clip_sample=True)
+
+    num_classes = null_class = None
+    n_embeds = config.get("num_class_embeds")
+    if config.get("class_embed_type") is not None:
+        raise DiffquantError(f"{folder}: class_embed_type {config['class_embed_type']!r} is not supported")
+    if n_embeds:
+        num_classes = null_class = int(n_embeds) - 1
+
+    call, context_shape = CALL_DIFFUSERS, None
+    if class_name == "UNet2DConditionModel":
+        if config.get("addition_embed_type") is not None:
+            raise DiffquantError(f"{folder}: addition_embed_type {config['addition_embed_type']!r} "
+                                 "is not supported")
+        dim = config.get("cross_attention_dim")
+        if not isinstance(dim, int):
+            raise DiffquantError(f"{folder}: unsupported cross_attention_dim {dim!r}")
+        call, context_shape = CALL_DIFFUSERS_CONDITION, (DEFAULT_CONTEXT_TOKENS, dim)
+
+    return DiffusionBundle(
+        name=name or str(folder.resolve()),
+        unet=unet,
+        scheduler_config=scheduler_config,
+        sample_shape=_sample_shape(config, folder),
+        num_classes=num_classes,
+        null_class=null_class,
+        call_convention=call,
+        context_shape=context_shape,
+        source=str(folder.resolve()),
+    )
+
+
+def load_model(name_or_path: str | os.PathLike, assets: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu") -> DiffusionBundle:
+    """Resolve a registered model name or a local diffusers folder into a :class:`DiffusionBundle`."""
+    key = str(name_or_path)
+    if key in MODELS:
+        return MODELS[key](assets, device)
+    path = Path(key).expanduser()
+    if path.exists():
+        return load_diffusers_folder(path, device=device)
+    looks_like_path = os.sep in key or key.startswith(".") or (os.altsep and os.altsep in key)
+    if looks_like_path:
+        raise DiffquantError(f"model folder not found: {key}")
+    raise DiffquantError(
+        f"unknown model {key!r}: use one of {', '.join(MODELS)} or a local diffusers folder"
+    )
