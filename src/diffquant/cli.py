@@ -1,0 +1,130 @@
+"""The ``diffquant`` command line.
+
+Subcommands: ``main`` (the README's main job), ``quantize``, ``sample``, ``evaluate``, ``train``.
+Bad input gives a one-line message and exit code 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import DiffquantError
+
+
+def _bits(value: str) -> int:
+    try:
+        bits = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit-width must be an integer, got {value!r}") from None
+    if not (1 <= bits <= 8 or bits in (16, 32)):
+        raise argparse.ArgumentTypeError(f"bit-width {bits} is not supported: use 1-8, or 16/32 for full precision")
+    return bits
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="named model (default = the bundled Fashion-MNIST UNet, mnist-resunet, mnist-convunet) "
+                        "or a local diffusers UNet/pipeline folder")
+    p.add_argument("--assets", default=None, help="assets directory (default: $DIFFQUANT_ASSETS or ../shared/assets)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+
+
+def add_quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with a recipe and save the quantizer state",
+                       description="Capture calibration data along full-precision trajectories, wrap the model, "
+                                   "run a recipe and save quant_state.safetensors + manifest.json.")
+    add_common_model_args(p)
+    p.add_argument("--recipe", default="naive", help="recipe name (available: naive)")
+    p.add_argument("--wbits", type=_bits, default=8, help="weight bits (1-8, 16/32 = full precision)")
+    p.add_argument("--abits", type=_bits, default=8, help="activation bits (1-8, 16/32 = full precision)")
+    p.add_argument("--config", default=None, help="YAML file with QuantConfig options (overrides --wbits/--abits)")
+    p.add_argument("--split", action="store_true", help="split-shortcut quantization of concatenated inputs")
+    p.add_argument("--calib-n", type=_positive, default=64, help="calibration trajectories")
+    p.add_argument("--calib-steps", type=_positive, default=50, help="sampler steps of the calibration trajectories")
+    p.add_argument("--calib-every", type=_positive, default=5, help="use every k-th step (uniform selection)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .pipeline import CalibConfig, quantize_model
+
+    result = quantize_model(
+        model=args.model, recipe=args.recipe, wbits=args.wbits, abits=args.abits, config_path=args.config,
+        split=args.split, calib=CalibConfig(n=args.calib_n, steps=args.calib_steps, every=args.calib_every),
+        out=args.out, assets=args.assets, device=args.device,
+    )
+    print(result.summary)
+    print(f"saved to {result.path}")
+    return 0
+
+
+def add_main_parser(sub) -> None:
+    p = sub.add_parser("main", help="the main job: quantize the default model at W8A8 and W4A8 and compare",
+                       description="Quantizes a model at W8A8 and W4A8 with the best available recipe, samples from "
+                                   "the same seeds as full precision, prints a table and writes an image grid.")
+    add_common_model_args(p)
+    p.add_argument("--n", type=_positive, default=100, help="samples per setting for the metrics")
+    p.add_argument("--steps", type=_positive, default=50, help="DDIM steps")
+    p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"], help="settings, e.g. W8A8 W4A8 W4A6")
+    p.add_argument("--recipe", default="naive")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (needs the Inception weights)")
+    p.add_argument("--out", default="runs/main", help="output directory")
+    p.set_defaults(handler=_run_main)
+
+
+def _run_main(args) -> int:
+    from .pipeline import main_job
+
+    main_job(model=args.model, n=args.n, steps=args.steps, settings=args.bits, recipe=args.recipe,
+             fid=not args.no_fid, out=args.out, assets=args.assets, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffquant",
+        description="Post-training quantization of diffusion models (Q-Diffusion, EDA-DM, DMQ, MPQ-DM).",
+    )
+    parser.add_argument("--version", action="version", version=f"diffquant {__import__('diffquant').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_main_parser(sub)
+    add_quantize_parser(sub)
+    from .diffusion.sample_cli import add_sample_parser
+    from .eval.eval_cli import add_evaluate_parser
+    from .zoo.train_cli import add_train_parser
+
+    add_sample_parser(sub)
+    add_evaluate_parser(sub)
+    add_train_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except DiffquantError as exc:
+        print(f"diffquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

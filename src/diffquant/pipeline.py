@@ -1,0 +1,190 @@
+"""End-to-end jobs: calibration capture → wrap → recipe → save, and the README's main job.
+
+This is the only place that knows about models, calibration, recipes *and* evaluation at once;
+each of those stays ignorant of the others.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import QuantConfig, load_yaml, save_yaml, to_dict
+from .errors import ConfigError
+from .methods import RECIPES
+from .model import QuantModel, quantize, save
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data: trajectories captured in one full-precision sampling pass per batch."""
+
+    n: int = 64  # trajectories
+    steps: int = 50  # sampler steps (the evaluation schedule)
+    every: int = 5  # uniform selection: every k-th step
+    scheduler: str = "ddim"
+    eta: float = 0.0
+    guidance: float | None = None  # None: the model's default
+    batch_size: int = 32
+    seed: int = 10_000  # disjoint from evaluation seeds (which start at 0)
+
+
+@dataclass
+class QuantizeResult:
+    qmodel: QuantModel
+    path: Path | None
+    summary: str
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+
+def default_guidance(bundle) -> float:
+    return 2.0 if bundle.is_conditional else 1.0
+
+
+def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None):
+    """Uniformly selected (x_t, t, labels) batches from captured FP trajectories."""
+    from .calib.capture import capture_trajectories
+    from .calib.select import uniform
+
+    guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
+    cache = capture_trajectories(
+        bundle, calib.n, steps=calib.steps, scheduler=calib.scheduler, eta=calib.eta, guidance=guidance,
+        seed=calib.seed, batch_size=calib.batch_size, device=device, cache_dir=cache_dir,
+    )
+    n_steps = max(1, calib.steps // calib.every)
+    return uniform(cache, n_per_step=calib.n, n_steps=n_steps)
+
+
+def make_forward_loop(bundle, calib_set, batch_size: int, device, guidance: float):
+    """``forward_loop(model)`` running every calibration batch through ``model``; class-conditional
+    models with guidance see each (x_t, t) once with its label and once with the null label."""
+    cfg = bundle.is_conditional and guidance != 1.0
+
+    @torch.no_grad()
+    def loop(model):
+        for batch in calib_set.batches(batch_size):
+            x, t, labels = batch.xs.to(device), batch.ts.to(device), batch.labels
+            labels = None if labels is None else labels.to(device)
+            if cfg:
+                null = torch.full_like(labels, int(bundle.null_class))
+                x, t, labels = torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])
+            bundle.predict_noise(model, x, t, labels)
+
+    return loop
+
+
+def build_quant_config(wbits: int, abits: int, config_path: str | None, split: bool) -> QuantConfig:
+    if config_path:
+        return load_yaml(QuantConfig, config_path)
+    return QuantConfig(
+        weight_bits=wbits, act_bits=abits, quantize_weights=wbits <= 8, quantize_acts=abits <= 8, split=split
+    )
+
+
+def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig, device="cpu", cache_dir=None) -> QuantizeResult:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
+    config_cls, run = RECIPES[recipe]
+    t0 = time.perf_counter()
+    guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
+    calib_set = calibration_batches(bundle, calib, device, cache_dir)
+    t1 = time.perf_counter()
+    args, kwargs = bundle.example_inputs(2, device=device)
+    qmodel = quantize(bundle.unet, quant, (args, kwargs))
+    run(qmodel, make_forward_loop(bundle, calib_set, calib.batch_size, device, guidance), config_cls())
+    t2 = time.perf_counter()
+    return QuantizeResult(qmodel, None, qmodel.summary(), t2 - t0, {"capture_s": t1 - t0, "recipe_s": t2 - t1})
+
+
+def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_path: str | None, split: bool,
+                   calib: CalibConfig, out: str, assets=None, device="cpu") -> QuantizeResult:
+    from .zoo.registry import load_model
+
+    bundle = load_model(model, assets=assets, device=device)
+    quant = build_quant_config(wbits, abits, config_path, split)
+    result = quantize_bundle(bundle, recipe, quant, calib, device)
+    result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib), "timings": result.timings})
+    save_yaml(calib, Path(out) / "calib.yaml")
+    return result
+
+
+def parse_setting(tag: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8); 'W4A32' means weights only."""
+    t = tag.upper()
+    if not (t.startswith("W") and "A" in t):
+        raise ConfigError(f"bit setting {tag!r} must look like W4A8")
+    try:
+        w, a = t[1:].split("A")
+        return int(w), int(a)
+    except ValueError:
+        raise ConfigError(f"bit setting {tag!r} must look like W4A8") from None
+
+
+def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str, fid: bool, out: str,
+             assets=None, device="cpu") -> dict:
+    """Quantize ``model`` at each setting, sample the same seeds as FP, print a table, write grids."""
+    from .diffusion.grid import save_grid
+    from .diffusion.sampling import sample, save_samples
+    from .eval.fidelity import image_mse, psnr
+    from .zoo.registry import load_model
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = load_model(model, assets=assets, device=device)
+    guidance = default_guidance(bundle)
+    sample_kw = dict(seed=0, scheduler="ddim", steps=steps, eta=0.0, guidance=guidance, batch_size=50, device=device)
+    parsed = [(s.upper(), *parse_setting(s)) for s in settings]
+
+    print(f"[diffquant] model {bundle.name}: sampling {n} full-precision images (DDIM {steps}, guidance {guidance})")
+    fp = sample(bundle, n, **sample_kw)
+    save_samples(fp, out_dir / "fp")
+    rows = [{"setting": "FP32", "recipe": "-", **_quality(fp, bundle, fid, device, assets)}]
+    grids = [fp.images[:10]]
+    calib = CalibConfig(steps=steps)
+    for tag, wbits, abits in parsed:
+        print(f"[diffquant] {tag}: calibrating ({recipe})")
+        quant = build_quant_config(wbits, abits, None, split=False)
+        res = quantize_bundle(bundle, recipe, quant, calib, device)
+        save(res.qmodel, out_dir / tag / "quant", extra={"model": model, "calib": to_dict(calib)})
+        print(f"[diffquant] {tag}: sampling {n} images from the same seeds")
+        qs = sample(bundle.with_unet(res.qmodel), n, **sample_kw)
+        save_samples(qs, out_dir / tag)
+        row = {"setting": tag, "recipe": recipe, **_quality(qs, bundle, fid, device, assets)}
+        row["mse_vs_fp"] = image_mse(qs.images, fp.images)
+        row["psnr_vs_fp"] = psnr(qs.images, fp.images)
+        row["calib_s"] = round(res.seconds, 1)
+        rows.append(row)
+        grids.append(qs.images[:10])
+    grid_path = save_grid(out_dir / "comparison.png", np.concatenate(grids), nrow=10)
+    results = {"model": bundle.name, "protocol": {"n": n, **{k: v for k, v in sample_kw.items() if k != "device"}},
+               "rows": rows, "grid": str(grid_path)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    table = _markdown_table(rows)
+    (out_dir / "results.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\nimage grid (rows: {', '.join(['FP32'] + [p[0] for p in parsed])}; same seeds per column): {grid_path}")
+    return results
+
+
+def _quality(result, bundle, fid: bool, device, assets) -> dict:
+    row: dict = {}
+    from .eval.report import quick_quality
+
+    row.update(quick_quality(result.images, result.labels, bundle, fid=fid, device=device, assets=assets))
+    return row
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
