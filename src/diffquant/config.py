@@ -49,6 +49,8 @@ class LayerRule:
     skip: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ConfigError(f"a layer rule needs a name glob or @role as pattern, got {self.pattern!r}")
         if self.weight_bits is not None:
             validate_bits(self.weight_bits, "weight_bits")
         if self.act_bits is not None:
@@ -98,6 +100,10 @@ class QuantConfig:
                 raise ConfigError(f"{name} must be one of {LAYER_MODES}, got {getattr(self, name)!r}")
         if self.timestep_lookup not in ("exact", "nearest"):
             raise ConfigError(f"timestep_lookup must be 'exact' or 'nearest', got {self.timestep_lookup!r}")
+        for name in ("include", "exclude", "time_embedding_patterns", "block_types"):
+            setattr(self, name, _string_list(name, getattr(self, name)))
+        if not isinstance(self.rules, (list, tuple)):
+            raise ConfigError(f"rules must be a list of layer rules, got {type(self.rules).__name__}")
         self.rules = [r if isinstance(r, LayerRule) else from_dict(LayerRule, r) for r in self.rules]
 
     @property
@@ -105,6 +111,15 @@ class QuantConfig:
         w = self.weight_bits if self.quantize_weights else 32
         a = self.act_bits if self.quantize_acts else 32
         return f"W{w}A{a}"
+
+
+def _string_list(name: str, value: Any) -> list[str]:
+    """A list of name globs; a single string means a one-element list (``exclude: conv_out``)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+    return list(value)
 
 
 # ---------------------------------------------------------------------- dict / YAML conversion
@@ -138,9 +153,11 @@ def _convert(tp: Any, value: Any) -> Any:
 
 def from_dict(cls, data: dict | None):
     """Build dataclass ``cls`` from a plain dict, rejecting unknown keys with a clear message."""
-    data = dict(data or {})
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    data = dict(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -62,17 +62,14 @@ def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None):
 
 def make_forward_loop(bundle, calib_set, batch_size: int, device, guidance: float):
     """``forward_loop(model)`` running every calibration batch through ``model``; class-conditional
-    models with guidance see each (x_t, t) once with its label and once with the null label."""
-    cfg = bundle.is_conditional and guidance != 1.0
+    models sampled with guidance see each (x_t, t) once with its label and once with the null
+    label (METHODS.md §3.1)."""
+    if bundle.is_conditional and guidance != 1.0:
+        calib_set = calib_set.with_uncond()
 
     @torch.no_grad()
     def loop(model):
-        for batch in calib_set.batches(batch_size):
-            x, t, labels = batch.xs.to(device), batch.ts.to(device), batch.labels
-            labels = None if labels is None else labels.to(device)
-            if cfg:
-                null = torch.full_like(labels, int(bundle.null_class))
-                x, t, labels = torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])
+        for x, t, labels in calib_set.batches(batch_size, device=device):
             bundle.predict_noise(model, x, t, labels)
 
     return loop

@@ -145,7 +145,7 @@ class _NoisePredictor:
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         b, c = x.shape[:2]
-        tt = t.reshape(1).expand(b).to(x.device)
+        tt = t.reshape(1).repeat(b).to(x.device)
         if self.guidance == 1.0 or labels is None:
             out = self._call(x, tt, labels)
             eps, var = out[:, :c], out[:, c:]

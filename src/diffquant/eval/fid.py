@@ -38,21 +38,11 @@ class FeatureExtractor(Protocol):
     def identity(self) -> dict: ...
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = FD_EPS) -> float:
-    """||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) between two Gaussians.
+FD_METHODS = ("sqrtm", "eigh")
 
-    When the square root of S1 S2 is not finite (singular product, typical when N < dimension),
-    eps·I is added to both covariances. A small imaginary part from round-off is dropped; a large
-    one means the covariances are not valid (not symmetric PSD) and raises.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise DiffquantError(
-            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
-        )
-    diff = mu1 - mu2
+
+def _trace_sqrt_product_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
+    """Tr((S1 S2)^½) with scipy.linalg.sqrtm, as the reference FID tools compute it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on singular products; handled below
         covmean = scipy.linalg.sqrtm(s1 @ s2)
@@ -64,7 +54,44 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         if imag > IMAG_TOLERANCE:
             raise DiffquantError(f"Fréchet distance: sqrtm has a large imaginary component ({imag:.3g})")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return float(np.trace(covmean))
+
+
+def _trace_sqrt_product_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
+    """Tr((S1 S2)^½) = Σ √λ(S1^½ S2 S1^½): two symmetric eigendecompositions, ~10x faster than sqrtm.
+
+    S1 S2 is similar to the symmetric PSD matrix S1^½ S2 S1^½, so their eigenvalues agree;
+    round-off negatives are clipped to zero.
+    """
+    w, v = scipy.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    lam = scipy.linalg.eigvalsh(root @ s2 @ root)
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = FD_EPS, method: str = "sqrtm") -> float:
+    """||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) between two Gaussians.
+
+    ``method="sqrtm"`` (default, the reference tools' way): when the square root of S1 S2 is not
+    finite (singular product, typical when N < dimension) eps·I is added to both covariances; a
+    small imaginary part from round-off is dropped, a large one raises. ``method="eigh"`` gives the
+    same trace through symmetric eigenvalues; at 2048-d it takes seconds instead of tens of seconds.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise DiffquantError(
+            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
+    if method == "sqrtm":
+        tr_covmean = _trace_sqrt_product_sqrtm(s1, s2, eps)
+    elif method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(s1, s2)
+    else:
+        raise DiffquantError(f"unknown Fréchet distance method {method!r}; use one of {FD_METHODS}")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
 @dataclass
@@ -85,8 +112,8 @@ class FeatureStats:
         return cls(mu=f64.mean(axis=0), sigma=np.cov(f64, rowvar=False), n=int(f.shape[0]),
                    features=f.astype(np.float32) if keep_features else None)
 
-    def frechet_distance(self, other: "FeatureStats", eps: float = FD_EPS) -> float:
-        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps)
+    def frechet_distance(self, other: "FeatureStats", eps: float = FD_EPS, method: str = "sqrtm") -> float:
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps, method)
 
 
 @dataclass

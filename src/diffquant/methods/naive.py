@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import QuantConfig
+from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from .stages import ForwardLoop, init_weight_quantizers, observe_activations
 
@@ -34,7 +35,7 @@ def run_naive(qmodel: QuantModel, forward_loop: ForwardLoop | None, config: Naiv
     init_weight_quantizers(qmodel)
     if qmodel.config.quantize_acts and qmodel.quantizers("act"):
         if forward_loop is None:
-            raise ValueError("activation quantization needs calibration data (forward_loop)")
+            raise ConfigError("activation quantization needs calibration data: pass a forward_loop")
         observe_activations(qmodel, forward_loop)
     qmodel.set_quant_state(weights=qmodel.config.quantize_weights, acts=qmodel.config.quantize_acts)
     qmodel.recipe = "naive"

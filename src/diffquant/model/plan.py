@@ -123,7 +123,9 @@ def make_plan(
                     quantize_input = rule.quantize_input
         if skip:
             continue
-        split = trace.splits.get(name) if config.split else None
+        # the time-embedding MLP's input is the sinusoidal [sin, cos] concatenation, not a skip
+        # concatenation (METHODS.md §1.9): never split it
+        split = trace.splits.get(name) if config.split and "time_embedding" not in roles else None
         if split is not None and getattr(module, "groups", 1) != 1:
             split = None
         layers.append(LayerPlan(name, layer_kind(module), w_bits, a_bits, quantize_input, split, roles))

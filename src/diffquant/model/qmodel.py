@@ -81,12 +81,16 @@ class QuantModel(nn.Module):
             yield unit, self.model.get_submodule(unit.name)
 
     def set_quant_state(self, weights: bool | None = None, acts: bool | None = None) -> None:
-        """Switch weight and/or activation quantization on or off for the whole model."""
-        for layer in self.layers().values():
+        """Switch weight and/or activation quantization on or off for the whole model.
+
+        Layers planned with ``quantize_input=False`` keep their input in floating point.
+        """
+        for lp in self.plan.layers:
+            layer = self.model.get_submodule(lp.name)
             if weights is not None:
                 layer.use_weight_quant = weights
             if acts is not None:
-                layer.use_act_quant = acts
+                layer.use_act_quant = acts and lp.quantize_input
         if acts is not None:
             for proc in self.attention_processors().values():
                 proc.use_act_quant = acts

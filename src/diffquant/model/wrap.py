@@ -98,8 +98,8 @@ def quantize(
     config = config or QuantConfig()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"quantize() needs a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, QuantModel):
-        raise ConfigError("this model is already quantized")
+    if isinstance(model, QuantModel) or any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ConfigError("this model is already quantized; wrap a float model")
     if not inplace:
         model = copy.deepcopy(model)
     if example_inputs is None:

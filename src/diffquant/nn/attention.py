@@ -52,7 +52,6 @@ class QuantAttnProcessor(nn.Module):
             return self.float_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         return self._quantized_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
-
     def _quantized_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -76,8 +75,15 @@ class QuantAttnProcessor(nn.Module):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        query = self._maybe(self.q_quantizer, attn.head_to_batch_dim(query))
-        key = self._maybe(self.k_quantizer, attn.head_to_batch_dim(key))
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        # per-head q/k norms (qk_norm models) come before QKᵀ, as in diffusers' AttnProcessor2_0
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        query = self._maybe(self.q_quantizer, query)
+        key = self._maybe(self.k_quantizer, key)
         value = self._maybe(self.v_quantizer, attn.head_to_batch_dim(value))
 
         dtype = query.dtype

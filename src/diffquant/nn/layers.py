@@ -9,8 +9,12 @@ A :class:`QuantLayer` replaces one float layer. It keeps the float layer's own `
   Q(X)Q(W) = Q₁(X₁)Q₁′(W₁) + Q₂(X₂)Q₂′(W₂).
 
 All quantizers are created here, at wrap time. While nothing is being learned the fake-quantized
-weight is cached and reused, keyed on the versions of every tensor it depends on, so sampling
-does not re-quantize weights on every call and any in-place update invalidates the cache.
+weight is cached and reused, so sampling does not re-quantize weights on every call. The cache is
+keyed on the identity, storage and autograd version of every tensor it depends on (an optimizer
+step, ``load_state_dict`` or any in-place op under ``no_grad`` bumps the version) and on a copy of
+the weight quantizers' small step / zero-point tensors, because writes through ``.data`` (as in
+``UniformQuantizer.set_range``) do not bump versions. A write through ``layer.weight.data`` is the
+one change it cannot see: call :meth:`QuantLayer.clear_cache` after one.
 """
 from __future__ import annotations
 
@@ -54,6 +58,11 @@ class QuantizerSpec:
             momentum=self.momentum,
             init_options=self.init_options,
         )
+
+
+def _version(t: Tensor) -> int:
+    """Autograd version counter; inference tensors have none (they change only in inference mode)."""
+    return -1 if t.is_inference() else t._version
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -113,6 +122,8 @@ class QuantLayer(nn.Module):
         self.use_act_quant = True
         self._cache_key: tuple | None = None
         self._cache: Tensor | None = None
+        #: copies of the weight quantizers' step / zero point when the cache was filled
+        self._cache_qparams: list[Tensor] = []
 
     # ------------------------------------------------------------------ weight side
     def weight_parts(self) -> list[Tensor]:
@@ -141,6 +152,15 @@ class QuantLayer(nn.Module):
                 parts.append(q(w))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.in_axis)
 
+    def _qparams(self) -> list[Tensor]:
+        return [t for q in self.weight_quantizers for t in (q.step, q.zero_point)]
+
+    def _qparams_unchanged(self) -> bool:
+        current = self._qparams()
+        return len(current) == len(self._cache_qparams) and all(
+            torch.equal(a, b) for a, b in zip(current, self._cache_qparams)
+        )
+
     def effective_weight(self) -> Tensor:
         """The (fake-quantized) weight used by forward; cached while nothing is learned."""
         if not self.use_weight_quant:
@@ -148,16 +168,19 @@ class QuantLayer(nn.Module):
         deps = self._dependencies()
         learning = torch.is_grad_enabled() and any(t.requires_grad for t in deps)
         if learning or any(q.mode == "observe" for q in self.weight_quantizers):
-            self._cache = self._cache_key = None
+            self.clear_cache()
             return self._quantized_weight()
         key = (
-            tuple((id(t), t._version, t.device, t.dtype) for t in deps),
+            tuple((id(t), _version(t), t.data_ptr(), t.device, t.dtype) for t in deps),
             tuple((q.enabled, q.bits, q.mode) for q in self.weight_quantizers),
             None if self.adaround is None else tuple(r.mode for r in self.adaround),
+            # a tensor made in inference mode cannot be used where autograd records
+            torch.is_inference_mode_enabled(),
         )
-        if self._cache is None or key != self._cache_key:
+        if self._cache is None or key != self._cache_key or not self._qparams_unchanged():
             with torch.no_grad():
                 self._cache = self._quantized_weight()
+                self._cache_qparams = [t.detach().clone() for t in self._qparams()]
             self._cache_key = key
         return self._cache
 
@@ -184,6 +207,7 @@ class QuantLayer(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache = self._cache_key = None
+        self._cache_qparams = []
 
     def extra_repr(self) -> str:
         split = f", split={self.split}" if self.split is not None else ""

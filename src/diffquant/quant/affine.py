@@ -44,6 +44,10 @@ class GridSpec:
     bits: int
     grid: str
 
+    def __post_init__(self) -> None:
+        validate_bits(self.bits)
+        validate_grid(self.grid)
+
     @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1)) if self.grid == "symmetric" else 0

@@ -10,13 +10,18 @@ Modes:
 - ``observe``: update the running range from the incoming batch under the init policy, refresh
   step and zero point from it, then fake-quantize (Q-Diffusion's init forward behaves this way);
 - with ``enabled = False`` or 16/32 bits the input passes through unchanged.
+
+Range searches: ``lp_shrink`` never widens its range to contain 0 (whatever ``include_zero``
+says, METHODS.md §1.2), so the stored range reproduces the searched step and zero point;
+``edadm_grid`` remembers the side (pos/neg/two) fixed by the first batch in the ``search_side``
+buffer (saved with the state dict; cleared by :meth:`reset`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import DiffquantError
+from ..errors import ConfigError, DiffquantError
 from .affine import (
     FLOAT_BITS,
     GridSpec,
@@ -26,10 +31,20 @@ from .affine import (
     validate_bits,
     validate_grid,
 )
-from .ranges import batch_range, combine_ranges, validate_policy
+from .qdrop import mix_inputs
+from .ranges import (
+    batch_range,
+    combine_ranges,
+    minmax_range,
+    validate_init_options,
+    validate_policy,
+)
+from .search import SIDES, data_side
 from .timestep import TimestepIndex
 
 MODES = ("quantize", "observe")
+#: Codes of the ``search_side`` buffer: 0 = not fixed yet, then the sides of :data:`SIDES`.
+SIDE_CODES = ("",) + SIDES
 
 
 class UniformQuantizer(nn.Module):
@@ -42,7 +57,8 @@ class UniformQuantizer(nn.Module):
         channels: number of channels (1 for per-tensor).
         init: range init policy (``minmax``, ``ema_minmax``, ``lp_shrink``, ``edadm_grid``).
         num_steps: rows of the per-timestep table (1 = shared by all timesteps).
-        include_zero / clamp_zero_point: see :func:`qparams_from_range`.
+        include_zero / clamp_zero_point: see :func:`qparams_from_range` (``lp_shrink`` ranges are
+            never widened to 0).
         momentum: EMA momentum for ``ema_minmax`` (0.95) or ``edadm_grid`` (0.9).
         init_options: extra keyword arguments for the range search (e.g. ``p``, ``candidates``).
     """
@@ -70,7 +86,10 @@ class UniformQuantizer(nn.Module):
         self.include_zero = include_zero
         self.clamp_zero_point = clamp_zero_point
         self.momentum = momentum if momentum is not None else (0.9 if init == "edadm_grid" else 0.95)
-        self.init_options = dict(init_options or {})
+        self.init_options = validate_init_options(self.init, dict(init_options or {}))
+        if "side" in self.init_options and self.init_options["side"] not in SIDES:
+            side = self.init_options["side"]
+            raise ConfigError(f"edadm_grid side must be one of {SIDES}, got {side!r}")
         self.enabled = True
         self.mode = "quantize"
         #: probability of quantizing each element while training (QDrop); 1.0 = always.
@@ -84,6 +103,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("range_lo", torch.zeros(shape))
         self.register_buffer("range_hi", torch.zeros(shape))
         self.register_buffer("batches_seen", torch.zeros(self.num_steps, dtype=torch.long))
+        self.register_buffer("search_side", torch.zeros(self.num_steps, dtype=torch.int8))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -97,6 +117,16 @@ class UniformQuantizer(nn.Module):
     @property
     def active(self) -> bool:
         return self.enabled and not self.is_float
+
+    @property
+    def widens_to_zero(self) -> bool:
+        """Whether ranges are widened to contain 0 (never for ``lp_shrink``, see module doc)."""
+        return self.include_zero and self.init != "lp_shrink"
+
+    def side(self, row: int = 0) -> str | None:
+        """The ``edadm_grid`` side (``pos``/``neg``/``two``): ``init_options["side"]`` if given,
+        else the one fixed by the first batch; None before calibration."""
+        return self.init_options.get("side") or SIDE_CODES[int(self.search_side[row])] or None
 
     def row(self) -> int:
         """The table row for the current denoiser call (0 when the table is shared)."""
@@ -131,7 +161,11 @@ class UniformQuantizer(nn.Module):
         """Store a range and the step / zero point it implies for one row (or all rows)."""
         rows = range(self.num_steps) if row is None else [row]
         s, z = qparams_from_range(
-            lo, hi, self.spec, include_zero=self.include_zero, clamp_zero_point=self.clamp_zero_point
+            lo,
+            hi,
+            self.spec,
+            include_zero=self.widens_to_zero,
+            clamp_zero_point=self.clamp_zero_point,
         )
         for k in rows:
             self.range_lo[k] = lo.reshape(-1).to(self.range_lo)
@@ -146,7 +180,7 @@ class UniformQuantizer(nn.Module):
         if self.is_float:
             return
         k = self.row() if row is None else row
-        new = batch_range(x, self.init, self.spec, self.channel_axis, **self.init_options)
+        new = self._batch_range(x, [k])
         old = None
         if int(self.batches_seen[k]) > 0:
             old = (self.range_lo[k].reshape(new[0].shape), self.range_hi[k].reshape(new[1].shape))
@@ -158,14 +192,32 @@ class UniformQuantizer(nn.Module):
     def init_from(self, x: Tensor) -> None:
         """One-shot initialisation of every row from ``x`` (used for weights)."""
         self.reset()
-        lo, hi = batch_range(x, self.init, self.spec, self.channel_axis, **self.init_options)
+        lo, hi = self._batch_range(x, list(range(self.num_steps)))
         self.set_range(lo, hi)
         self.batches_seen.fill_(1)
 
+    def _batch_range(self, x: Tensor, rows: list[int]) -> tuple[Tensor, Tensor]:
+        """The range ``x`` suggests under the init policy; fixes the edadm side of ``rows``."""
+        if self.is_float:  # nothing is quantized: skip the (costly) searches
+            return minmax_range(x, self.channel_axis)
+        options = dict(self.init_options)
+        if self.init in ("lp_shrink", "edadm_grid"):
+            options["clamp_zero_point"] = self.clamp_zero_point
+        if self.init == "edadm_grid" and "side" not in options:
+            code = int(self.search_side[rows[0]])
+            if code == 0:
+                code = SIDE_CODES.index(data_side(x))
+                for k in rows:
+                    self.search_side[k] = code
+            options["side"] = SIDE_CODES[code]
+        return batch_range(x, self.init, self.spec, self.channel_axis, **options)
+
     @torch.no_grad()
     def reset(self) -> None:
+        """Forget calibration: rows become uninitialised; running ranges and edadm side restart."""
         self.initialized.zero_()
         self.batches_seen.zero_()
+        self.search_side.zero_()
 
     @torch.no_grad()
     def copy_row_to_all(self, row: int = 0) -> None:
@@ -175,6 +227,7 @@ class UniformQuantizer(nn.Module):
             t.data[:] = t.data[row]
         self.initialized[:] = self.initialized[row]
         self.batches_seen[:] = self.batches_seen[row]
+        self.search_side[:] = self.search_side[row]
 
     # ------------------------------------------------------------------ forward
     def quantize(self, x: Tensor, row: int | None = None) -> Tensor:
@@ -195,8 +248,7 @@ class UniformQuantizer(nn.Module):
             )
         xq = self.quantize(x, row=k)
         if self.training and self.qdrop_prob < 1.0:
-            keep_q = torch.rand_like(x) < self.qdrop_prob
-            return torch.where(keep_q, xq, x)
+            return mix_inputs(xq, x, self.qdrop_prob)
         return xq
 
     def extra_repr(self) -> str:

@@ -21,6 +21,26 @@ def validate_policy(policy: str) -> str:
     return policy
 
 
+#: Keyword options each search policy accepts through ``UniformQuantizer(init_options=...)``.
+SEARCH_OPTIONS = {
+    "lp_shrink": ("p", "candidates", "shrink", "zero_anchored", "max_elements"),
+    "edadm_grid": ("p", "side", "symmetric", "max_elements"),
+}
+
+
+def validate_init_options(policy: str, options: dict) -> dict:
+    """Reject unknown search options early (``minmax`` / ``ema_minmax`` ignore options)."""
+    allowed = SEARCH_OPTIONS.get(policy)
+    if allowed is not None:
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for range init {policy!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+    return options
+
+
 def minmax_range(x: Tensor, channel_axis: int | None) -> tuple[Tensor, Tensor]:
     """Plain min and max, per tensor or per channel."""
     dims = reduce_dims(x, channel_axis)

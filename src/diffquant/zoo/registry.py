@@ -156,7 +156,8 @@ def _load_mnist_resunet(assets: str | os.PathLike | None, device: str | torch.de
     return DiffusionBundle(
         name="mnist-resunet",
         unet=load_mnist_resunet(path, device),
-        scheduler_config=linear_ddpm_config(clip_sample=True),
+        # Like the original DDIM sampler, no x0 clipping: clipping leaves speckles on this model.
+        scheduler_config=linear_ddpm_config(clip_sample=False),
         sample_shape=(1, 28, 28),
         source=str(path),
     )

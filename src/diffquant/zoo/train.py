@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +326,7 @@ def train_diffusion(cfg: TrainConfig) -> Path:
     params = list(model.parameters())
 
     start = time.monotonic()
+    first_step = step
     last_ckpt = start
     stopped_early = False
     bar = tqdm(
@@ -353,15 +354,16 @@ def train_diffusion(cfg: TrainConfig) -> Path:
             d = ema_decay_at(cfg.ema_decay, step)
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
         step += 1
-        value = float(loss)
+        value = float(loss.detach())
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
         if cfg.log_every and step % cfg.log_every == 0:
             elapsed = time.monotonic() - start
+            done = step - first_step
             bar.write(
                 f"step {step}/{cfg.steps} loss {loss_avg:.4f} lr {lr:.2e} "
-                f"elapsed {elapsed / 60:.1f} min", file=sys.stderr,
+                f"elapsed {elapsed / 60:.1f} min ({elapsed / done:.2f} s/step)", file=sys.stderr,
             )
         now = time.monotonic()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
@@ -469,7 +471,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> tuple[Path, float]:
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
     bar.close()
     test_x, test_y = to_model_range(te_x), torch.from_numpy(te_y)
     if cfg.eval_limit is not None:
@@ -478,9 +480,3 @@ def train_classifier(cfg: ClassifierTrainConfig) -> tuple[Path, float]:
     out = save_classifier(model.cpu(), cfg.out_dir, extra={
         "test_accuracy": acc, "test_images": len(test_x), "train": _config_dict(cfg)})
     return out, acc
-
-
-def config_from_dict(cls, d: dict[str, Any]):
-    """Build a dataclass config, ignoring unknown keys (forward compatible)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})

@@ -76,12 +76,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_diffusion(args: argparse.Namespace) -> int:
-    from diffquant.zoo.train import TrainConfig, UNetConfig, count_parameters, build_unet, \
-        export_diffusion, train_diffusion
-    from pathlib import Path
+    from diffquant.zoo.train import (
+        TrainConfig, UNetConfig, build_unet, count_parameters, export_diffusion, train_diffusion,
+    )
 
     if args.export_only:
-        path = export_diffusion(args.out, Path(args.out) / "model")
+        path = export_diffusion(args.out, f"{args.out}/model")
         print(f"exported to {path}")
         return 0
     model = UNetConfig(block_out_channels=args.channels, layers_per_block=args.layers_per_block,

@@ -1,0 +1,115 @@
+"""``diffquant evaluate``: metrics of a samples.npz against cached reference statistics.
+
+samples.npz holds ``images`` (uint8 [N,28,28], [N,1,28,28] or [N,28,28,1]), optionally
+``labels`` (int [N]) and ``protocol`` (a JSON string with the sampler settings, stored verbatim).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diffquant.errors import DiffquantError
+
+REFERENCE_SETS = ("fashion-mnist", "mnist")
+REFERENCE_IMAGE_SHAPE = (1, 28, 28)
+IMAGE_KEYS = ("images", "samples", "arr_0")
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on an argparse subparsers object; the handler is ``args.func``."""
+    p = subparsers.add_parser("evaluate", help="FID, sFID, precision/recall, accuracy, fidelity of samples",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", required=True, help="samples.npz (key 'images', optional 'labels', 'protocol')")
+    p.add_argument("--reference", choices=REFERENCE_SETS, default="fashion-mnist", help="real data set")
+    p.add_argument("--ref-split", default="test", choices=("train", "test"), help="split of the real data set")
+    p.add_argument("--ref-n", type=int, default=None, help="number of real images (default: the whole split)")
+    p.add_argument("--ref-seed", type=int, default=None,
+                   help="draw the real images at random with this seed (default: the first ref-n)")
+    p.add_argument("--data-dir", default=None, help="directory with the IDX files of the reference set")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated subset of fid,sfid,precision,recall,accuracy,mse,psnr "
+                        "(default: all that the inputs allow)")
+    p.add_argument("--classifier", default=None, help="TorchScript classifier for class accuracy")
+    p.add_argument("--fp-samples", default=None, help="full-precision samples.npz from the same noise (mse, psnr)")
+    p.add_argument("--out", required=True, help="output directory for results.json and results.md")
+    p.add_argument("--fid-weights", default=None, help="path to default_1.pt (FID Inception TorchScript)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--fd-method", choices=("sqrtm", "eigh"), default="sqrtm",
+                   help="matrix square root for the Fréchet distance (eigh: same value, faster)")
+    p.add_argument("--no-cache", action="store_true", help="recompute reference statistics")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_evaluate)
+    return p
+
+
+def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(uint8 images [N,1,28,28], labels or None, protocol dict) from a samples.npz, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffquantError(f"samples file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DiffquantError(f"cannot read {path} as .npz: {e}") from None
+    with data:
+        key = next((k for k in IMAGE_KEYS if k in data.files), None)
+        if key is None:
+            raise DiffquantError(f"{path} has no image array; expected one of {list(IMAGE_KEYS)}, found {data.files}")
+        images = data[key]
+        labels = data["labels"] if "labels" in data.files else None
+        protocol = {}
+        if "protocol" in data.files:
+            try:
+                protocol = json.loads(str(data["protocol"]))
+            except json.JSONDecodeError as e:
+                raise DiffquantError(f"{path}: 'protocol' is not a JSON string ({e})") from None
+    if images.dtype != np.uint8:
+        raise DiffquantError(f"{path}: images must be uint8 in [0, 255]; got {images.dtype}")
+    original_shape = tuple(int(d) for d in images.shape)
+    if images.ndim == 4 and images.shape[-1] == 1 and images.shape[1] != 1:
+        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1:] != REFERENCE_IMAGE_SHAPE or images.shape[0] < 2:
+        raise DiffquantError(
+            f"{path}: images must be [N,28,28], [N,1,28,28] or [N,28,28,1] with N >= 2; got {original_shape}"
+        )
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise DiffquantError(f"{path}: labels shape {labels.shape} does not match {images.shape[0]} images")
+    return np.ascontiguousarray(images), labels, protocol
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from diffquant.eval.classify import load_classifier
+    from diffquant.eval.fid import reference_stats
+    from diffquant.eval.inception import InceptionFeatures
+    from diffquant.eval.report import evaluate_images, results_markdown, write_results
+
+    images, labels, protocol = load_samples(args.samples)
+    fp_images = load_samples(args.fp_samples)[0] if args.fp_samples else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    classifier = load_classifier(args.classifier, args.device) if args.classifier else None
+    inception_needed = metrics is None or bool({"fid", "sfid", "precision", "recall"} & set(metrics))
+    extractor = reference = None
+    if inception_needed:
+        extractor = InceptionFeatures(args.fid_weights, device=args.device)
+        reference = reference_stats(
+            args.reference, args.ref_split, args.ref_n, extractor=extractor, data_dir=args.data_dir,
+            subset_seed=args.ref_seed, spatial=metrics is None or "sfid" in metrics,
+            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+            cache=not args.no_cache,
+        )
+    results = evaluate_images(
+        images, labels, reference=reference, extractor=extractor, classifier=classifier, fp_images=fp_images,
+        metrics=metrics, device=args.device, batch_size=args.batch_size, protocol=protocol,
+        fd_method=args.fd_method, progress=not args.no_progress,
+    )
+    results["inputs"] = {"samples": str(args.samples), "fp_samples": args.fp_samples, "classifier": args.classifier}
+    json_path, md_path = write_results(results, args.out)
+    print(results_markdown({"metrics": results["metrics"]}).strip())
+    print(f"wrote {json_path} and {md_path}")
+    return 0

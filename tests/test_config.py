@@ -1,0 +1,114 @@
+"""QuantConfig / LayerRule: validation, dict and YAML round trips, clear errors."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from diffquant.config import LayerRule, QuantConfig, from_dict, load_yaml, save_yaml, to_dict
+from diffquant.errors import ConfigError
+
+
+def custom_config() -> QuantConfig:
+    return QuantConfig(
+        weight_bits=4, act_bits=6, act_grid="symmetric", weight_init="lp_shrink", act_init="ema_minmax",
+        softmax_bits=16, split=True, include=["down_blocks.*", "conv_*"], exclude=["*.attn2.*"],
+        first_last="8bit", time_embedding="fp", timestep_lookup="nearest",
+        rules=[LayerRule("@first", weight_bits=8), LayerRule("up_blocks.*.conv_shortcut", act_bits=16, quantize_input=False),
+               LayerRule("conv_out", skip=True)],
+    )
+
+
+def test_yaml_round_trip(tmp_path):
+    config = custom_config()
+    path = save_yaml(config, tmp_path / "sub" / "quant.yaml")
+    loaded = load_yaml(QuantConfig, path)
+    assert loaded == config
+    assert all(isinstance(r, LayerRule) for r in loaded.rules)
+    assert loaded.tag == "W4A6"
+    text = path.read_text()
+    assert "weight_bits: 4" in text and "pattern: '@first'" in text
+
+
+def test_dict_round_trip_and_defaults():
+    config = custom_config()
+    assert from_dict(QuantConfig, to_dict(config)) == config
+    assert from_dict(QuantConfig, None) == QuantConfig() == from_dict(QuantConfig, {})
+    assert QuantConfig(quantize_acts=False).tag == "W8A32"
+
+
+def test_layer_rule_from_dict():
+    config = QuantConfig(rules=[{"pattern": "mid_block.*", "weight_bits": 6, "act_bits": 16}])
+    rule = config.rules[0]
+    assert rule == LayerRule("mid_block.*", weight_bits=6, act_bits=16)
+    assert rule.quantize_input is None and rule.skip is False
+    assert from_dict(LayerRule, {"pattern": "x", "skip": True}) == LayerRule("x", skip=True)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        from_dict(QuantConfig, {"weight_bit": 4})
+    msg = str(exc.value)
+    assert "weight_bit" in msg and "\n" not in msg
+    for field in dataclasses.fields(QuantConfig):
+        assert field.name in msg
+    (tmp_path / "bad.yaml").write_text("act_bits: 8\nsplitt: true\n")
+    with pytest.raises(ConfigError, match="splitt"):
+        load_yaml(QuantConfig, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="pattern"):
+        QuantConfig(rules=[{"pattern": "a", "bitz": 3}])
+
+
+@pytest.mark.parametrize("bits", [0, 9, 12, -1, 3.5, "8", True])
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "softmax_bits"])
+def test_bad_bits(field, bits):
+    with pytest.raises(ConfigError, match=field):
+        QuantConfig(**{field: bits})
+
+
+@pytest.mark.parametrize("bits", [0, 9, 12])
+def test_bad_bits_in_rules(bits):
+    with pytest.raises(ConfigError, match="weight_bits"):
+        LayerRule("x", weight_bits=bits)
+    with pytest.raises(ConfigError, match="act_bits"):
+        QuantConfig(rules=[{"pattern": "x", "act_bits": bits}])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 6, 8, 16, 32])
+def test_good_bits(bits):
+    assert QuantConfig(weight_bits=bits, act_bits=bits).weight_bits == bits
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weight_grid": "signed"}, "grid"),
+    ({"act_init": "percentile"}, "percentile"),
+    ({"first_last": "4bit"}, "first_last"),
+    ({"time_embedding": "int8"}, "time_embedding"),
+    ({"timestep_lookup": "closest"}, "timestep_lookup"),
+    ({"include": 3}, "include"),
+    ({"exclude": ["a", 1]}, "exclude"),
+    ({"rules": "conv_out"}, "rules"),
+    ({"rules": ["conv_out"]}, "LayerRule"),
+    ({"rules": [{"weight_bits": 4}]}, "LayerRule"),
+])
+def test_other_bad_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_a_single_glob_string_is_a_one_element_list():
+    config = from_dict(QuantConfig, {"exclude": "conv_out", "include": "*"})
+    assert config.exclude == ["conv_out"] and config.include == ["*"]
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(QuantConfig, tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("weight_bits: [4\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(QuantConfig, tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- weight_bits\n- 4\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(QuantConfig, tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_yaml(QuantConfig, tmp_path / "empty.yaml") == QuantConfig()
