@@ -46,8 +46,9 @@ def default_guidance(bundle) -> float:
     return 2.0 if bundle.is_conditional else 1.0
 
 
-def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None):
-    """Uniformly selected (x_t, t, labels) batches from captured FP trajectories."""
+def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None, select=None):
+    """Uniformly selected (x_t, t, labels) batches from captured FP trajectories; a recipe may
+    bring its own selection ``select(cache) -> CalibrationSet`` (e.g. Q-Diffusion's policies)."""
     from .calib.capture import capture_trajectories
     from .calib.select import uniform
 
@@ -56,6 +57,8 @@ def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None):
         bundle, calib.n, steps=calib.steps, scheduler=calib.scheduler, eta=calib.eta, guidance=guidance,
         seed=calib.seed, batch_size=calib.batch_size, device=device, cache_dir=cache_dir,
     )
+    if select is not None:
+        return select(cache)
     n_steps = max(1, calib.steps // calib.every)
     return uniform(cache, n_per_step=calib.n, n_steps=n_steps)
 
@@ -83,17 +86,34 @@ def build_quant_config(wbits: int, abits: int, config_path: str | None, split: b
     )
 
 
-def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig, device="cpu", cache_dir=None) -> QuantizeResult:
+def recipe_inputs(run, **available) -> dict:
+    """The keyword arguments among ``available`` that the recipe's run function accepts
+    (reconstruction recipes take the calibration set, the denoiser call and the float model)."""
+    import inspect
+
+    params = inspect.signature(run).parameters
+    return {k: v for k, v in available.items() if k in params}
+
+
+def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig, device="cpu", cache_dir=None,
+                    *, recipe_config=None, work_dir=None) -> QuantizeResult:
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
     config_cls, run = RECIPES[recipe]
+    config = config_cls() if recipe_config is None else recipe_config
+    if hasattr(config, "wrap_config"):  # recipes whose wrapping knobs (split, softmax bits, ...) are their own
+        quant = config.wrap_config(quant)
     t0 = time.perf_counter()
     guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
-    calib_set = calibration_batches(bundle, calib, device, cache_dir)
+    select = getattr(config, "select_calibration", None)
+    calib_set = calibration_batches(bundle, calib, device, cache_dir, select=select)
     t1 = time.perf_counter()
     args, kwargs = bundle.example_inputs(2, device=device)
     qmodel = quantize(bundle.unet, quant, (args, kwargs))
-    run(qmodel, make_forward_loop(bundle, calib_set, calib.batch_size, device, guidance), config_cls())
+    recipe_set = calib_set.with_uncond() if bundle.is_conditional and guidance != 1.0 else calib_set
+    extra = recipe_inputs(run, calib_set=recipe_set, call=bundle.predict_noise, fp_model=bundle.unet,
+                          work_dir=work_dir, device=device)
+    run(qmodel, make_forward_loop(bundle, calib_set, calib.batch_size, device, guidance), config, **extra)
     t2 = time.perf_counter()
     return QuantizeResult(qmodel, None, qmodel.summary(), t2 - t0, {"capture_s": t1 - t0, "recipe_s": t2 - t1})
 
@@ -127,7 +147,7 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     """Quantize ``model`` at each setting, sample the same seeds as FP, print a table, write grids."""
     from .diffusion.grid import save_grid
     from .diffusion.sampling import sample, save_samples
-    from .eval.fidelity import image_mse, psnr
+    from .eval.fidelity import image_mse_psnr
     from .zoo.registry import load_model
 
     out_dir = Path(out)
@@ -152,8 +172,9 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
         qs = sample(bundle.with_unet(res.qmodel), n, **sample_kw)
         save_samples(qs, out_dir / tag)
         row = {"setting": tag, "recipe": recipe, **_quality(qs, bundle, fid, device, assets)}
-        row["mse_vs_fp"] = image_mse(qs.images, fp.images)
-        row["psnr_vs_fp"] = psnr(qs.images, fp.images)
+        fidelity = image_mse_psnr(qs.images, fp.images)
+        row["mse_vs_fp"] = fidelity["mse"]
+        row["psnr_vs_fp"] = fidelity["psnr"]
         row["calib_s"] = round(res.seconds, 1)
         rows.append(row)
         grids.append(qs.images[:10])
@@ -169,11 +190,48 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     return results
 
 
-def _quality(result, bundle, fid: bool, device, assets) -> dict:
-    row: dict = {}
-    from .eval.report import quick_quality
+#: the real data set each named model was trained on (reference for FID)
+REFERENCE_DATASETS = {"mnist-resunet": "mnist", "mnist-convunet": "mnist", "fmnist-unet": "fashion-mnist"}
 
-    row.update(quick_quality(result.images, result.labels, bundle, fid=fid, device=device, assets=assets))
+
+def reference_dataset(bundle) -> str | None:
+    return REFERENCE_DATASETS.get(bundle.name)
+
+
+def bundled_classifier(bundle, device="cpu"):
+    """The shipped Fashion-MNIST classifier for the bundled model (None elsewhere)."""
+    from .paths import BUNDLED_DIR
+
+    folder = BUNDLED_DIR / "fmnist-classifier"
+    if reference_dataset(bundle) != "fashion-mnist" or not folder.is_dir():
+        return None
+    from .zoo.classifier import load_classifier
+
+    return load_classifier(folder, device=device)
+
+
+def _quality(result, bundle, fid: bool, device, assets, ref_n: int = 1000) -> dict:
+    """Class accuracy (bundled classifier) and FID at a modest N against ``ref_n`` test images."""
+    from .errors import DiffquantError
+
+    row: dict = {}
+    classifier = bundled_classifier(bundle, device) if result.labels is not None else None
+    if classifier is not None:
+        from .eval.classify import class_accuracy
+
+        row["class_acc"] = class_accuracy(result.images, result.labels, classifier, device=device)["accuracy"]
+    dataset = reference_dataset(bundle)
+    if fid and dataset is not None:
+        try:
+            from .eval.fid import reference_stats
+            from .eval.report import evaluate_images
+
+            ref = reference_stats(dataset, "test", n=ref_n, device=device, spatial=False, progress=True)
+            ev = evaluate_images(result.images, reference=ref, metrics=("fid",), device=device,
+                                 fd_method="eigh", progress=False)
+            row[f"fid@{len(result.images)}"] = ev["metrics"]["fid"]
+        except DiffquantError as exc:
+            print(f"[diffquant] FID skipped: {exc}")
     return row
 
 

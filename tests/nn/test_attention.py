@@ -146,3 +146,22 @@ def test_quantized_attention_needs_calibration():
     install(attn, A8, P8)
     with pytest.raises(DiffquantError, match="initialised"):
         attn(*args, **kwargs)
+
+
+def test_attention_mask_is_applied_in_the_quantized_path(device):
+    attn, args, kwargs = make_attention("cross", device)
+    mask = torch.zeros(2, 1, 5, device=device)
+    mask[:, :, 3:] = -10000.0  # hide the last two context tokens
+    with torch.no_grad():
+        unmasked = attn(*args, **kwargs)
+        reference = attn(*args, attention_mask=mask, **kwargs)
+    assert (reference - unmasked).abs().max() > 1e-2
+    proc = install(attn, A8, P8)
+    calibrate(attn, proc, args, {**kwargs, "attention_mask": mask})
+    probs = []
+    proc.probs_quantizer.register_forward_hook(lambda m, inp, out: probs.append(inp[0]))
+    with torch.no_grad():
+        out = attn(*args, attention_mask=mask, **kwargs)
+    assert probs[0][..., 3:].max() < 1e-6  # masked keys get no probability
+    rel = (out - reference).norm() / reference.norm()
+    assert rel < 0.05

@@ -337,3 +337,58 @@ def test_attach_adaround_gives_each_weight_part_its_rounding():
     bits = modules[0].hard_rounding.float()
     hand = s_ * (torch.clamp(torch.floor(w1 / s_) + bits + z_, 0, 15) - z_)
     torch.testing.assert_close(flipped[:, :2], hand)
+
+
+# ---------------------------------------------------------------------- inference fast path
+FAST_CASES = [
+    dict(bits=8, grid="asymmetric"),
+    dict(bits=4, grid="symmetric"),
+    dict(bits=8, grid="unsigned"),
+    dict(bits=6, grid="asymmetric", channel_axis=1, channels=6),
+    dict(bits=8, grid="asymmetric", num_steps=3),
+]
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_inference_activation_path_is_bit_identical_to_the_quantizer(case, device, monkeypatch):
+    from diffquant.nn.layers import quantize_activation
+    from diffquant.quant.quantizer import UniformQuantizer
+    from diffquant.quant.timestep import TimestepIndex
+
+    q = UniformQuantizer(**case).to(device)
+    x = make_input("Conv2d").to(device) * 3 + 0.5
+    if q.num_steps > 1:
+        q.timestep_index = TimestepIndex([999, 500, 1])
+        for k in range(3):
+            q.observe(x * (k + 1), row=k)
+        q.timestep_index.index = 1
+    else:
+        q.observe(x[:2])  # part of the data: some values get clipped
+    with torch.no_grad():
+        expected = q(x)
+    assert not torch.equal(expected, x)
+
+    def no_module_call(self, x):
+        raise AssertionError("the quantizer module was called")
+
+    monkeypatch.setattr(UniformQuantizer, "forward", no_module_call)
+    with torch.no_grad():
+        assert torch.equal(quantize_activation(q, x), expected)
+    assert torch.equal(quantize_activation(q, x), expected)  # grad mode, but nothing requires grad
+    # whenever autograd, observing or hooks are involved the module itself runs
+    for setup in (lambda: x.requires_grad_(), lambda: setattr(q, "mode", "observe"),
+                  lambda: q.register_forward_hook(lambda *a: None)):
+        setup()
+        with pytest.raises(AssertionError, match="module was called"):
+            quantize_activation(q, x)
+        x = x.detach()
+        q.mode = "quantize"
+
+
+def test_quant_layer_output_is_the_same_with_and_without_autograd(device):
+    layer = calibrated_layer(device)
+    x = make_input("Conv2d").to(device)
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x.clone().requires_grad_())
+    assert torch.equal(fast, slow.detach())

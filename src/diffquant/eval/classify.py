@@ -1,6 +1,7 @@
 """Class accuracy of generated images under a given classifier (conditional models, class fidelity)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,13 @@ def to_classifier_input(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div(127.5).sub(1.0)
 
 
+def _eval_mode(module: torch.nn.Module) -> torch.nn.Module:
+    try:
+        return module.eval()
+    except NotImplementedError:  # modules from torch.export are fixed graphs, already in eval mode
+        return module
+
+
 @torch.no_grad()
 def predict_labels(images_uint8: Any, classifier: torch.nn.Module, *, batch_size: int = 256,
                    device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
@@ -23,7 +31,7 @@ def predict_labels(images_uint8: Any, classifier: torch.nn.Module, *, batch_size
     images = as_image_batch(images_uint8)
     if images.shape[1] != 1:
         raise DiffquantError(f"the classifier takes grey images [N,1,H,W]; got {tuple(images.shape)}")
-    classifier = classifier.to(device).eval()
+    classifier = _eval_mode(classifier.to(device))
     preds = []
     for start in tqdm(range(0, images.shape[0], batch_size), desc="classify", disable=not progress):
         x = to_classifier_input(images[start : start + batch_size]).to(device)
@@ -47,8 +55,15 @@ def class_accuracy(images_uint8: Any, labels: Any, classifier: torch.nn.Module, 
 
 
 def load_classifier(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A TorchScript classifier file (``torch.jit.save``); plain state dicts need their class."""
+    """A classifier saved with ``torch.export.save`` (``.pt2``) or as TorchScript (``torch.jit.save``).
+
+    Neither format unpickles arbitrary objects; plain state dicts need their model class instead.
+    """
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        if str(path).endswith(".pt2"):
+            return torch.export.load(str(path)).module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated in torch >= 2.10
+            return torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError, OSError) as e:
-        raise DiffquantError(f"cannot load classifier {path} as TorchScript: {str(e).splitlines()[0]}") from None
+        raise DiffquantError(f"cannot load classifier {path}: {str(e).splitlines()[0]}") from None

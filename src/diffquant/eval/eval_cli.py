@@ -1,7 +1,9 @@
 """``diffquant evaluate``: metrics of a samples.npz against cached reference statistics.
 
 samples.npz holds ``images`` (uint8 [N,28,28], [N,1,28,28] or [N,28,28,1]), optionally
-``labels`` (int [N]) and ``protocol`` (a JSON string with the sampler settings, stored verbatim).
+``labels`` (int [N]). The sampler settings (the protocol, stored verbatim in the results) come
+from a ``protocol`` JSON string in the npz, else from ``samples.json`` written beside it by
+``diffquant sample``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ IMAGE_KEYS = ("images", "samples", "arr_0")
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``evaluate`` on an argparse subparsers object; the handler is ``args.func``."""
+    """Register ``evaluate`` on an argparse subparsers object; the handler is ``args.handler``."""
     p = subparsers.add_parser("evaluate", help="FID, sFID, precision/recall, accuracy, fidelity of samples",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="samples.npz (key 'images', optional 'labels', 'protocol')")
@@ -42,7 +44,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="matrix square root for the Fréchet distance (eigh: same value, faster)")
     p.add_argument("--no-cache", action="store_true", help="recompute reference statistics")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_evaluate)
+    p.set_defaults(handler=run_evaluate)
     return p
 
 
@@ -61,12 +63,14 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
             raise DiffquantError(f"{path} has no image array; expected one of {list(IMAGE_KEYS)}, found {data.files}")
         images = data[key]
         labels = data["labels"] if "labels" in data.files else None
-        protocol = {}
-        if "protocol" in data.files:
-            try:
-                protocol = json.loads(str(data["protocol"]))
-            except json.JSONDecodeError as e:
-                raise DiffquantError(f"{path}: 'protocol' is not a JSON string ({e})") from None
+        protocol_text = str(data["protocol"]) if "protocol" in data.files else None
+    settings_file = path.with_suffix(".json")
+    if protocol_text is None and settings_file.is_file():
+        protocol_text = settings_file.read_text()
+    try:
+        protocol = json.loads(protocol_text) if protocol_text is not None else {}
+    except json.JSONDecodeError as e:
+        raise DiffquantError(f"{path}: the sampler protocol is not valid JSON ({e})") from None
     if images.dtype != np.uint8:
         raise DiffquantError(f"{path}: images must be uint8 in [0, 255]; got {images.dtype}")
     original_shape = tuple(int(d) for d in images.shape)
@@ -87,7 +91,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from diffquant.eval.classify import load_classifier
     from diffquant.eval.fid import reference_stats
     from diffquant.eval.inception import InceptionFeatures
-    from diffquant.eval.report import evaluate_images, results_markdown, write_results
+    from diffquant.eval.report import evaluate_images, metrics_table, write_results
 
     images, labels, protocol = load_samples(args.samples)
     fp_images = load_samples(args.fp_samples)[0] if args.fp_samples else None
@@ -110,6 +114,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     results["inputs"] = {"samples": str(args.samples), "fp_samples": args.fp_samples, "classifier": args.classifier}
     json_path, md_path = write_results(results, args.out)
-    print(results_markdown({"metrics": results["metrics"]}).strip())
+    print(metrics_table(results))
     print(f"wrote {json_path} and {md_path}")
     return 0

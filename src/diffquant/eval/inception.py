@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,9 @@ class InceptionFeatures:
         self.weights_path = locate_fid_weights(weights)
         self.device = torch.device(device)
         try:
-            self.module = torch.jit.load(str(self.weights_path), map_location=self.device).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load, deprecated in torch >= 2.10
+                self.module = torch.jit.load(str(self.weights_path), map_location=self.device).eval()
         except Exception as e:  # a corrupt or foreign file
             raise DiffquantError(f"cannot load FID Inception TorchScript {self.weights_path}: {e}") from None
         self._layers = self._find_layers()

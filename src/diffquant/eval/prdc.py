@@ -61,6 +61,8 @@ def precision_recall(
     float64 by default so that a point's distance to an identical point is exactly zero.
     """
     device = torch.device(device)
+    if device.type == "mps" and dtype == torch.float64:
+        dtype = torch.float32  # MPS has no float64
     real = _as_features(real_features, "real", device, dtype)
     fake = _as_features(fake_features, "generated", device, dtype)
     if real.shape[1] != fake.shape[1]:

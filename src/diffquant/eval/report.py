@@ -187,16 +187,24 @@ def _json_safe(obj: Any) -> Any:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
+        if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
+            return f"{value:.3g}"
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
 
 
+def metrics_table(results: dict) -> str:
+    """The metrics alone as a Markdown table (also what the CLI prints)."""
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in results.get("metrics", {}).items()]
+    return "\n".join(lines)
+
+
 def results_markdown(results: dict) -> str:
     """A readable Markdown report: metrics first, then everything that produced them."""
-    lines = ["# Evaluation results", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in results.get("metrics", {}).items()]
+    lines = ["# Evaluation results", "", metrics_table(results)]
     setup = {"samples (N)": results.get("n_samples"), "image shape": results.get("image_shape")}
     ref = results.get("reference")
     if ref:

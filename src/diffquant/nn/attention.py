@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import QuantizerSpec
+from .layers import QuantizerSpec, quantize_activation
 
 MATMUL_QUANTIZERS = ("q", "k", "v", "probs")
 
@@ -41,7 +41,7 @@ class QuantAttnProcessor(nn.Module):
         return self.use_act_quant and any(q.active for q in self.quantizers().values())
 
     def _maybe(self, quantizer: nn.Module, x: Tensor) -> Tensor:
-        return quantizer(x) if self.use_act_quant else x
+        return quantize_activation(quantizer, x) if self.use_act_quant else x
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         # explicit signature: diffusers forwards only the keyword arguments a processor names
@@ -87,10 +87,17 @@ class QuantAttnProcessor(nn.Module):
         value = self._maybe(self.v_quantizer, attn.head_to_batch_dim(value))
 
         dtype = query.dtype
-        scores = torch.bmm(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
+        q32, k32 = query.float(), key.float()
+        # scale·QKᵀ (+ mask) in one baddbmm, as diffusers' get_attention_scores, but always FP32
+        if attention_mask is None:
+            bias = torch.empty(q32.shape[0], q32.shape[1], k32.shape[1], dtype=torch.float32, device=q32.device)
+            beta = 0.0
+        else:
+            bias, beta = attention_mask.float(), 1.0
+        scores = torch.baddbmm(bias, q32, k32.transpose(-1, -2), beta=beta, alpha=attn.scale)
+        del bias
         probs = scores.softmax(dim=-1)
+        del scores
         probs = self._maybe(self.probs_quantizer, probs).to(dtype)
 
         hidden_states = torch.bmm(probs, value)

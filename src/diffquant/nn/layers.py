@@ -60,6 +60,41 @@ class QuantizerSpec:
         )
 
 
+def _needs_module_call(q: UniformQuantizer, x: Tensor) -> bool:
+    """Whether ``q(x)`` must run as a module call: anything but plain inference of the base class
+    (autograd needs the graph, observing, QDrop, hooks, tracing or export)."""
+    return (
+        type(q) is not UniformQuantizer
+        or q.mode != "quantize"
+        or (q.training and q.qdrop_prob < 1.0)
+        or (torch.is_grad_enabled() and (x.requires_grad or q.step.requires_grad or q.zero_point.requires_grad))
+        or bool(q._forward_hooks or q._forward_pre_hooks)
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+    )
+
+
+def quantize_activation(q: UniformQuantizer, x: Tensor) -> Tensor:
+    """``q(x)`` for activations, bit-identical, but at inference computed in place on one new
+    tensor: the autograd-friendly formula allocates a fresh tensor for each of its eight
+    elementwise steps, which made activation quantization cost as much as the convolutions
+    (benchmarks/bench_wrap_overhead.py). Same operations in the same order as
+    ``fake_quantize``; STE rounding equals plain rounding in value."""
+    if not q.active:
+        return x
+    if _needs_module_call(q, x):
+        return q(x)
+    k = q.row()
+    if not bool(q.initialized[k]):
+        return q(x)  # raises the quantizer's own "not initialised" error
+    s, z = q.params(x.dim(), k)
+    s, z = s.to(x.dtype), z.to(x.dtype)
+    spec = q.spec
+    y = torch.div(x, s)
+    return y.round_().add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
+
+
 def _version(t: Tensor) -> int:
     """Autograd version counter; inference tensors have none (they change only in inference mode)."""
     return -1 if t.is_inference() else t._version
@@ -189,10 +224,11 @@ class QuantLayer(nn.Module):
         if not self.use_act_quant:
             return x
         if self.split is None:
-            return self.act_quantizers[0](x)
+            return quantize_activation(self.act_quantizers[0], x)
         size = x.shape[self.act_axis]
         x1, x2 = torch.split(x, [self.split, size - self.split], dim=self.act_axis)
-        return torch.cat([self.act_quantizers[0](x1), self.act_quantizers[1](x2)], dim=self.act_axis)
+        q1, q2 = self.act_quantizers
+        return torch.cat([quantize_activation(q1, x1), quantize_activation(q2, x2)], dim=self.act_axis)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.quantize_input(x)

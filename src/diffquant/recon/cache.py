@@ -1,0 +1,441 @@
+"""Per-unit input/output caches over the calibration set (METHODS.md §1.6).
+
+For one reconstruction unit (a block or a layer) :func:`build_unit_cache` records, for every
+calibration sample,
+
+- x_in^q: everything the unit is called with (all positional and keyword arguments: ResnetBlock2D
+  gets ``(hidden, temb)``, diffusers Attention ``hidden_states`` plus keyword arguments, the
+  mnist-resunet ``ResBlock(x, temb)``) in the partly quantized model — earlier units finalised,
+  the pass's quantizer state on;
+- x_in^fp: the same in the full-precision model;
+- y^fp: the full-precision unit's output on x_in^fp.
+
+A forward pre-hook (``with_kwargs=True``) on the unit copies its arguments into the cache and,
+when the output is not needed, aborts the forward at once by raising a private exception; for
+y^fp a forward hook records the output and aborts right after the unit. Later layers never run.
+
+Tensors whose leading dimension is the call's batch are stored per sample, [N, …], on the CPU
+(optionally fp16) or, above a memory limit, in memory-mapped files on disk; other arguments
+(``None``, flags, tensors without a batch axis) are kept once. :meth:`UnitCache.inputs` gathers any
+set of sample indices back into ``(args, kwargs)`` on the training device.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..calib.select import CalibrationSet
+from ..errors import ConfigError, DiffquantError
+from ..model.qmodel import QuantModel
+from .state import quant_state
+
+#: ``call(model, x, t, labels)`` runs the denoiser on one batch (e.g. ``bundle.predict_noise``).
+DenoiserCall = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], Any]
+STORAGES = ("auto", "memory", "disk")
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+INPUT_KINDS = ("q", "fp")
+
+
+def default_call(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | None) -> Any:
+    """``model(x, t)``, plus ``class_labels=labels`` when there are labels (diffusers UNets)."""
+    return model(x, t) if labels is None else model(x, t, class_labels=labels)
+
+
+@dataclass
+class CalibrationCalls:
+    """A calibration set plus the way to feed it to the denoiser.
+
+    ``run(model, index)`` calls the denoiser on the samples at ``index`` (a slice). CFG models
+    should get a set that already holds each (x_t, t) with its label and with the null label
+    (:meth:`CalibrationSet.with_uncond`).
+    """
+
+    calib_set: CalibrationSet
+    call: DenoiserCall | None = None
+    device: str | torch.device = "cpu"
+
+    def __len__(self) -> int:
+        return len(self.calib_set)
+
+    @property
+    def timesteps(self) -> Tensor:
+        return self.calib_set.ts
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, index: slice | Tensor) -> Any:
+        x, t, labels = self.calib_set[index]
+        x = x.to(device=self.device, dtype=torch.float32)
+        t = t.to(self.device)
+        labels = None if labels is None else labels.to(self.device)
+        return (self.call or default_call)(model, x, t, labels)
+
+    def slices(self, batch_size: int, one_timestep: bool = False) -> Iterator[slice]:
+        """Consecutive slices of at most ``batch_size`` samples; with ``one_timestep`` a slice never
+        mixes timesteps (per-timestep quantizer tables need one t per denoiser call)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        n = len(self)
+        if not one_timestep:
+            yield from (slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size))
+            return
+        ts = self.timesteps.reshape(-1)
+        start = 0
+        while start < n:
+            stop = start + 1
+            while stop < n and stop - start < batch_size and int(ts[stop]) == int(ts[start]):
+                stop += 1
+            yield slice(start, stop)
+            start = stop
+
+    def subset(self, index: Tensor | slice) -> "CalibrationCalls":
+        return CalibrationCalls(self.calib_set.subset(index), self.call, self.device)
+
+
+@dataclass
+class CacheOptions:
+    """Where and how unit caches are stored.
+
+    ``storage``: ``memory`` (CPU tensors), ``disk`` (memory-mapped files) or ``auto`` (memory until
+    one unit's cache would exceed ``memory_limit_mb``, disk beyond). ``directory``: where disk
+    caches go (default: a temporary directory removed with the cache). ``dtype``: storage dtype of
+    floating-point tensors (``float16`` halves memory; reads are cast back to float32).
+    """
+
+    dtype: str = "float32"
+    storage: str = "auto"
+    memory_limit_mb: float = 4096.0
+    directory: str | None = None
+    #: calibration samples per forward while capturing
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
+        if self.storage not in STORAGES:
+            raise ConfigError(f"cache storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
+        if self.memory_limit_mb <= 0:
+            raise ConfigError(f"cache memory limit must be > 0 MB, got {self.memory_limit_mb}")
+        if self.batch_size < 1:
+            raise ConfigError(f"cache batch size must be >= 1, got {self.batch_size}")
+
+
+class _Budget:
+    """Decides memory vs disk per stored tensor and owns the temporary directory."""
+
+    def __init__(self, options: CacheOptions):
+        self.options = options
+        self.used = 0
+        self.directory: Path | None = None
+        self._finalizer = None
+        self._files = 0
+
+    def wants_disk(self, nbytes: int) -> bool:
+        if self.options.storage == "auto":
+            return self.used + nbytes > self.options.memory_limit_mb * 2**20
+        return self.options.storage == "disk"
+
+    def new_file(self) -> Path:
+        if self.directory is None:
+            base = self.options.directory
+            if base is not None:
+                Path(base).mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="unit-cache-", dir=base))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        self._files += 1
+        return self.directory / f"tensor{self._files}.bin"
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+class TensorStore:
+    """N rows of one per-sample tensor, in CPU memory or in a memory-mapped file."""
+
+    def __init__(self, n: int, row_shape: tuple[int, ...], dtype: torch.dtype, budget: _Budget):
+        self.n = n
+        self.row_shape = tuple(row_shape)
+        self.dtype = dtype
+        nbytes = n * int(np.prod(row_shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = nbytes
+        self._array: np.memmap | None = None
+        self._tensor: Tensor | None = None
+        if budget.wants_disk(nbytes):
+            np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+            self._array = np.memmap(budget.new_file(), dtype=np_dtype, mode="w+", shape=(n, *row_shape))
+        else:
+            self._tensor = torch.empty((n, *row_shape), dtype=dtype)
+            budget.used += nbytes
+
+    @property
+    def on_disk(self) -> bool:
+        return self._array is not None
+
+    def write(self, index: slice, value: Tensor) -> None:
+        value = value.detach().to(device="cpu", dtype=self.dtype)
+        if self._array is not None:
+            self._array[index] = value.numpy()
+        else:
+            self._tensor[index] = value
+
+    def read(self, index: Tensor) -> Tensor:
+        if self._array is not None:
+            return torch.from_numpy(np.ascontiguousarray(self._array[index.numpy()]))
+        return self._tensor.index_select(0, index)
+
+
+class _Leaf:
+    """Placeholder for the i-th tensor of a flattened call."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _flatten(value: Any, leaves: list[Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        leaves.append(value)
+        return _Leaf(len(leaves) - 1)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_flatten(v, leaves) for v in value)
+    if isinstance(value, dict):
+        return {k: _flatten(v, leaves) for k, v in value.items()}
+    return value
+
+
+def _unflatten(template: Any, leaves: list[Any]) -> Any:
+    if isinstance(template, _Leaf):
+        return leaves[template.i]
+    if isinstance(template, (tuple, list)):
+        return type(template)(_unflatten(v, leaves) for v in template)
+    if isinstance(template, dict):
+        return {k: _unflatten(v, leaves) for k, v in template.items()}
+    return template
+
+
+class CallRecord:
+    """The arguments of one unit over all N samples: per-sample tensors stored, the rest kept once."""
+
+    def __init__(self, n: int, storage_dtype: torch.dtype, budget: _Budget):
+        self.n = n
+        self.storage_dtype = storage_dtype
+        self.budget = budget
+        self.template: Any = None
+        #: per leaf: a TensorStore (per sample) or a constant tensor
+        self.leaves: list[TensorStore | Tensor] = []
+        self.leaf_dtypes: list[torch.dtype] = []
+
+    def _allocate(self, leaves: list[Tensor], batch: int) -> None:
+        for t in leaves:
+            self.leaf_dtypes.append(t.dtype)
+            if t.dim() >= 1 and t.shape[0] == batch:
+                dtype = self.storage_dtype if t.is_floating_point() else t.dtype
+                self.leaves.append(TensorStore(self.n, tuple(t.shape[1:]), dtype, self.budget))
+            else:
+                self.leaves.append(t.detach().to("cpu").clone())
+
+    def write(self, index: slice, args: tuple, kwargs: dict) -> None:
+        batch = index.stop - index.start
+        leaves: list[Tensor] = []
+        template = _flatten((tuple(args), dict(kwargs)), leaves)
+        if self.template is None:
+            self.template = template
+            self._allocate(leaves, batch)
+        elif len(leaves) != len(self.leaves):
+            raise DiffquantError("a unit was called with a different argument structure on another batch")
+        for leaf, t in zip(self.leaves, leaves):
+            if isinstance(leaf, TensorStore):
+                if t.shape[0] != batch or tuple(t.shape[1:]) != leaf.row_shape:
+                    raise DiffquantError(
+                        f"unit argument of shape {tuple(t.shape)} does not match the cached rows {leaf.row_shape}"
+                    )
+                leaf.write(index, t)
+
+    def gather(self, index: Tensor, device: str | torch.device) -> tuple[tuple, dict]:
+        values = []
+        for leaf, dtype in zip(self.leaves, self.leaf_dtypes):
+            t = leaf.read(index) if isinstance(leaf, TensorStore) else leaf
+            values.append(t.to(device=device, dtype=dtype))
+        args, kwargs = _unflatten(self.template, values)
+        return tuple(args), dict(kwargs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in self.leaves if isinstance(leaf, TensorStore))
+
+
+class _UnitDone(Exception):
+    """Raised by a cache hook to end the forward once the unit has been seen."""
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The tensor a unit returns (the first one when it returns a tuple or a diffusers output)."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "sample") and isinstance(output.sample, Tensor):
+        return output.sample
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise DiffquantError(f"cannot take a reconstruction target from a unit returning {type(output).__name__}")
+
+
+@dataclass
+class UnitCache:
+    """x_in^q, x_in^fp (each optional) and y^fp of one unit for N calibration samples."""
+
+    name: str
+    n: int
+    targets: TensorStore
+    target_dtype: torch.dtype
+    ts: Tensor
+    q_inputs: CallRecord | None = None
+    fp_inputs: CallRecord | None = None
+    _budget: _Budget | None = field(default=None, repr=False)
+
+    def inputs(self, index: Tensor, kind: str = "q", device: str | torch.device = "cpu") -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the unit for the samples at ``index`` (``kind`` = q | fp)."""
+        record = self.q_inputs if kind == "q" else self.fp_inputs if kind == "fp" else None
+        if record is None:
+            raise DiffquantError(f"the cache of {self.name} holds no {kind!r} inputs")
+        return record.gather(index, device)
+
+    def target(self, index: Tensor, device: str | torch.device = "cpu") -> Tensor:
+        return self.targets.read(index).to(device=device, dtype=self.target_dtype)
+
+    def random_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """Endless index batches of ``min(batch_size, N)`` distinct random samples each."""
+        b = min(batch_size, self.n)
+        while True:
+            yield torch.randperm(self.n, generator=generator)[:b]
+
+    @property
+    def nbytes(self) -> int:
+        records = [r for r in (self.q_inputs, self.fp_inputs) if r is not None]
+        return self.targets.nbytes + sum(r.nbytes for r in records)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.targets.on_disk
+
+    def close(self) -> None:
+        """Drop the stored tensors and remove disk files now (instead of at garbage collection)."""
+        self.q_inputs = self.fp_inputs = None
+        if self._budget is not None:
+            self._budget.close()
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, QuantModel) else model
+
+
+def _capture(model: nn.Module, unit_name: str, data: CalibrationCalls, *, record: CallRecord | None,
+             on_output: Callable[[slice, Tensor], None] | None, one_timestep: bool, batch_size: int) -> None:
+    """Run the calibration set through ``model`` up to the unit (and through it when ``on_output``
+    wants its output), storing the unit's arguments in ``record``."""
+    try:
+        module = _inner(model).get_submodule(unit_name)
+    except AttributeError:
+        raise DiffquantError(f"unit {unit_name!r} does not exist in {type(_inner(model)).__name__}") from None
+    current: dict[str, Any] = {}
+
+    def pre_hook(mod, args, kwargs):
+        if "seen" in current:
+            return None
+        current["seen"] = True
+        if record is not None:
+            record.write(current["index"], args, kwargs)
+        if on_output is None:
+            raise _UnitDone
+
+    def post_hook(mod, args, kwargs, output):
+        if "out" in current:
+            return None
+        current["out"] = True
+        on_output(current["index"], first_tensor(output))
+        raise _UnitDone
+
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    if on_output is not None:
+        handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for index in data.slices(batch_size, one_timestep):
+            current.clear()
+            current["index"] = index
+            try:
+                data.run(model, index)
+            except _UnitDone:
+                pass
+            if "seen" not in current:
+                raise DiffquantError(f"unit {unit_name!r} was not called by the denoiser")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def build_unit_cache(
+    qmodel: QuantModel,
+    unit_name: str,
+    data: CalibrationCalls,
+    *,
+    keep: tuple[str, ...] = ("q",),
+    q_state: tuple[bool, bool] = (True, False),
+    fp_model: nn.Module | None = None,
+    options: CacheOptions | None = None,
+) -> UnitCache:
+    """Cache unit ``unit_name`` over ``data`` (see the module docstring).
+
+    Args:
+        keep: which inputs to store: ``q`` (x_in^q) and/or ``fp`` (x_in^fp). y^fp is always stored.
+        q_state: (weights, acts) quantization of the whole model while x_in^q is captured; the
+            units already reconstructed carry their final state (hard rounding, learned steps).
+        fp_model: the float model to take x_in^fp and y^fp from (same module names); by default
+            ``qmodel`` itself with all quantization switched off.
+    """
+    options = options or CacheOptions()
+    bad = [k for k in keep if k not in INPUT_KINDS]
+    if bad or not keep:
+        raise ConfigError(f"keep must name inputs among {INPUT_KINDS}, got {keep!r}")
+    n = len(data)
+    if n == 0:
+        raise ConfigError("the calibration set is empty")
+    budget = _Budget(options)
+    storage_dtype = CACHE_DTYPES[options.dtype]
+    one_timestep = bool(qmodel.timestep_index.timesteps)
+
+    fp_record = CallRecord(n, storage_dtype, budget) if "fp" in keep else None
+    stored: dict[str, Any] = {}
+
+    def store_target(index: slice, y: Tensor) -> None:
+        if "targets" not in stored:
+            dtype = storage_dtype if y.is_floating_point() else y.dtype
+            stored["targets"] = TensorStore(n, tuple(y.shape[1:]), dtype, budget)
+            stored["dtype"] = y.dtype
+        stored["targets"].write(index, y)
+
+    capture = dict(record=fp_record, on_output=store_target, one_timestep=one_timestep, batch_size=options.batch_size)
+    if fp_model is not None:
+        _capture(fp_model, unit_name, data, **capture)
+    else:
+        with quant_state(qmodel, weights=False, acts=False):
+            _capture(qmodel, unit_name, data, **capture)
+
+    q_record = None
+    if "q" in keep:
+        q_record = CallRecord(n, storage_dtype, budget)
+        with quant_state(qmodel, *q_state):
+            _capture(qmodel, unit_name, data, record=q_record, on_output=None, one_timestep=one_timestep,
+                     batch_size=options.batch_size)
+    return UnitCache(unit_name, n, stored["targets"], stored["dtype"], data.timesteps.detach().cpu().clone(),
+                     q_inputs=q_record, fp_inputs=fp_record, _budget=budget)

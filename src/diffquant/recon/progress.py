@@ -1,0 +1,180 @@
+"""Resumable reconstruction: a checkpoint after every finished unit.
+
+``<work_dir>/progress/`` holds the quantizer state written by :func:`diffquant.model.save`
+(safetensors + manifest, AdaRound V and hard rounding included) and ``progress.json`` with the
+pass and index of the last finished unit, the per-unit records so far, a fingerprint of the run's
+settings and the global torch RNG state. A checkpoint is written to a sibling directory first and
+then swapped in, so an interruption never leaves a half-written one.
+
+A run given the same ``work_dir`` restores that state into its freshly wrapped model and continues
+at the next unit; because every unit is trained with its own seed, it ends in the same state as an
+uninterrupted run. A ``work_dir`` holding progress of different settings is refused.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import to_dict
+from ..errors import CheckpointError
+from ..model.checkpoint import STATE_FILE, read_manifest, save
+from ..model.qmodel import QuantModel
+from ..nn.layers import attach_adaround
+
+PROGRESS_DIR = "progress"
+PROGRESS_FILE = "progress.json"
+FORMAT = "diffquant-recon-progress"
+FORMAT_VERSION = 1
+#: quantizer attributes kept in the manifest rather than in tensors
+_QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
+
+
+def fingerprint_of(settings: Any) -> str:
+    """A short hash of JSON-able settings (dataclasses are converted first)."""
+    blob = json.dumps(to_dict(settings), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def restore_into(qmodel: QuantModel, path: str | Path) -> None:
+    """Load a saved quantizer state into an already wrapped ``qmodel`` of the same plan (in place)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["plan"] != json.loads(json.dumps(qmodel.plan.to_dict())):
+        raise CheckpointError(f"{path}: the saved wrap plan differs from this model's")
+    tensors = load_file(str(path / STATE_FILE))
+    quantizers = qmodel.quantizers()
+    for name, desc in manifest["quantizers"].items():
+        if name not in quantizers:
+            raise CheckpointError(f"{path}: quantizer {name} does not exist in this model")
+        for attr in _QUANTIZER_ATTRS:
+            if attr in desc:
+                setattr(quantizers[name], attr, desc[attr])
+    layers = qmodel.layers()
+    for name, state in manifest["layers"].items():
+        layer = layers[name]
+        layer.use_weight_quant = state["use_weight_quant"]
+        layer.use_act_quant = state["use_act_quant"]
+        if state.get("adaround"):
+            attach_adaround(layer, modes=state["adaround"]).requires_grad_(False)
+        elif layer.adaround is not None:
+            layer.adaround = None
+    for name, state in manifest.get("attention", {}).items():
+        qmodel.attention_processors()[name].use_act_quant = state["use_act_quant"]
+    expected = qmodel.quant_state_dict()
+    if set(expected) != set(tensors):
+        diff = sorted(set(expected) ^ set(tensors))
+        raise CheckpointError(f"{path / STATE_FILE} does not match this model: {diff[:3]}")
+    device = next(iter(expected.values())).device
+    qmodel.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
+    qmodel.clear_weight_cache()
+
+
+class ReconProgress:
+    """Checkpoints of the passes ``passes`` (in their order) of one reconstruction run."""
+
+    def __init__(self, work_dir: str | Path, passes: list[str], fingerprint: str):
+        self.root = Path(work_dir)
+        self.passes = list(passes)
+        self.fingerprint = fingerprint
+        self.state: dict[str, Any] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.root / PROGRESS_DIR
+
+    def _read(self) -> dict[str, Any] | None:
+        file = self.path / PROGRESS_FILE
+        if not file.is_file():
+            return None
+        try:
+            state = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{file} is corrupt ({exc.msg})") from None
+        if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{file} is not a diffquant reconstruction progress file")
+        return state
+
+    def restore(self, qmodel: QuantModel) -> bool:
+        """Restore the last checkpoint into ``qmodel``; False when there is none."""
+        state = self._read()
+        if state is None:
+            return False
+        if state["fingerprint"] != self.fingerprint:
+            raise CheckpointError(
+                f"{self.root} holds progress of a run with other settings; use a fresh work_dir"
+            )
+        if state["pass"] not in self.passes:
+            raise CheckpointError(f"{self.path}: unknown pass {state['pass']!r}")
+        restore_into(qmodel, self.path)
+        torch.set_rng_state(_decode_rng(state["rng"]))
+        self.state = state
+        return True
+
+    def _pass_position(self, name: str) -> int:
+        if name not in self.passes:
+            raise CheckpointError(f"pass {name!r} is not one of {self.passes}")
+        return self.passes.index(name)
+
+    def started(self, pass_name: str) -> bool:
+        """Whether the restored checkpoint is in ``pass_name`` or a later pass."""
+        if self.state is None:
+            return False
+        return self._pass_position(self.state["pass"]) >= self._pass_position(pass_name)
+
+    def finished_units(self, pass_name: str, unit_names: list[str]) -> int:
+        """How many units of ``pass_name`` the restored checkpoint has finished (0 … all)."""
+        if self.state is None:
+            return 0
+        here, saved = self._pass_position(pass_name), self._pass_position(self.state["pass"])
+        if saved < here:
+            return 0
+        if self.state["units"].get(pass_name, list(unit_names)) != list(unit_names):
+            raise CheckpointError(f"{self.path}: the saved {pass_name} pass has a different list of units")
+        return len(unit_names) if saved > here else self.state["last_unit"] + 1
+
+    def records(self, pass_name: str) -> list[dict]:
+        return [] if self.state is None else list(self.state["records"].get(pass_name, []))
+
+    def save(self, qmodel: QuantModel, pass_name: str, last_unit: int, unit_names: list[str],
+             records: list[dict]) -> None:
+        """Checkpoint after unit ``last_unit`` of ``pass_name`` (``records``: that pass so far)."""
+        previous = self.state or {"records": {}, "units": {}}
+        state = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "pass": pass_name,
+            "last_unit": int(last_unit),
+            "units": {**previous["units"], pass_name: list(unit_names)},
+            "records": {**previous["records"], pass_name: list(records)},
+            "rng": _encode_rng(torch.get_rng_state()),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        fresh = self.root / (PROGRESS_DIR + ".new")
+        old = self.root / (PROGRESS_DIR + ".old")
+        for d in (fresh, old):
+            if d.exists():
+                shutil.rmtree(d)
+        save(qmodel, fresh, extra={"progress": {"pass": pass_name, "last_unit": int(last_unit)}})
+        (fresh / PROGRESS_FILE).write_text(json.dumps(state, indent=1))
+        if self.path.exists():
+            self.path.rename(old)
+        fresh.rename(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+        self.state = state
