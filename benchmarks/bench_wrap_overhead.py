@@ -103,7 +103,10 @@ def time_side_by_side(float_model, qmodel, batch: int, warmup: int, reps: int) -
                 m(x, t)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"times_s": times, "median_s": med, "ratio": med["w8a8"] / med["float"]}
+    best = {k: min(v) for k, v in times.items()}
+    # the ratio of minima is the least disturbed by other jobs on a shared CPU
+    return {"times_s": times, "median_s": med, "ratio": med["w8a8"] / med["float"],
+            "min_s": best, "ratio_of_minima": best["w8a8"] / best["float"]}
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -113,7 +116,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "# Wrapping overhead (naive W8A8 vs float)",
         "",
         f"UNet2DModel, {result['model']['params_m']:.2f} M parameters, 32×32, batch {result['batch']}, "
-        f"CPU, {result['threads']} threads; {result['reps']} interleaved repetitions after {result['warmup']} warm-up.",
+        f"CPU, {result['threads']} thread{'s' if result['threads'] != 1 else ''}; {result['reps']} interleaved "
+        f"repetitions after {result['warmup']} warm-up.",
         "",
         "| model | median forward (ms) | min (ms) | max (ms) |",
         "|---|---|---|---|",
@@ -123,7 +127,8 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {name} | {1e3 * r['median_s'][name]:.1f} | {1e3 * min(ts):.1f} | {1e3 * max(ts):.1f} |")
     lines += [
         "",
-        f"**Overhead ratio (median W8A8 / median float): {r['ratio']:.2f}×** (target ≤ {TARGET_RATIO}×: {ok})",
+        f"**Overhead ratio (median W8A8 / median float): {r['ratio']:.2f}×** (target ≤ {TARGET_RATIO}×: {ok}); "
+        f"ratio of the fastest runs: {r['ratio_of_minima']:.2f}×.",
         "",
         "| naive recipe | value |",
         "|---|---|",
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"peak RSS {calib['peak_rss_after_mib']:.0f} MiB", flush=True)
     timing = time_side_by_side(float_model, qmodel, args.batch, args.warmup, args.reps)
     print(f"median forward: float {1e3 * timing['median_s']['float']:.1f} ms, "
-          f"W8A8 {1e3 * timing['median_s']['w8a8']:.1f} ms, ratio {timing['ratio']:.2f}x", flush=True)
+          f"W8A8 {1e3 * timing['median_s']['w8a8']:.1f} ms, ratio {timing['ratio']:.2f}x "
+          f"(of minima {timing['ratio_of_minima']:.2f}x)", flush=True)
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     result = {

@@ -1,0 +1,101 @@
+"""The command line: help, bad arguments (exit 2, one line), quantize end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffquant import cli
+from diffquant.paths import assets_dir
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for cmd in ("main", "quantize", "sample", "evaluate", "train"):
+        assert cmd in text
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, _ = run([], capsys)
+    assert code == 2 and "usage" in out
+
+
+@pytest.mark.parametrize("bits", ["0", "9", "12", "four"])
+def test_bad_bit_width_is_a_clear_error(bits, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["quantize", "--model", "mnist-resunet", "--wbits", bits, "--out", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "bit-width" in err and "Traceback" not in err
+
+
+def test_missing_model_folder_is_one_line_exit_2(tmp_path, capsys):
+    code, _, err = run(["quantize", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert err.startswith("diffquant: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_recipe_is_one_line_exit_2(tmp_path, capsys, tiny_unet_folder):
+    code, _, err = run(["quantize", "--model", str(tiny_unet_folder), "--recipe", "magic",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "unknown recipe" in err
+
+
+@pytest.fixture
+def tiny_unet_folder(tmp_path):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
+    folder = tmp_path / "tiny-unet"
+    unet.save_pretrained(folder)
+    return folder
+
+
+def test_quantize_command_saves_a_loadable_checkpoint(tmp_path, capsys, tiny_unet_folder, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "q"
+    code, stdout, err = run(["quantize", "--model", str(tiny_unet_folder), "--wbits", "4", "--abits", "8",
+                             "--split", "--calib-n", "4", "--calib-steps", "4", "--calib-every", "2",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "saved to" in stdout and "conv_shortcut" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"] == "naive" and manifest["config"]["weight_bits"] == 4
+    assert any(lp["split"] for lp in manifest["plan"]["layers"])
+    # the checkpoint restores onto the float model
+    from diffquant import load
+    from diffquant.zoo.registry import load_model
+
+    bundle = load_model(str(tiny_unet_folder))
+    qmodel = load(bundle.unet, out)
+    (x, t), kw = bundle.example_inputs(2)
+    assert qmodel(x, t, **kw).sample.shape == x.shape
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(assets_dir() is None, reason="needs ../shared/assets")
+def test_main_job_runs_end_to_end_on_a_tiny_n(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(["main", "--model", "mnist-resunet", "--n", "4", "--steps", "5", "--no-fid",
+                          "--out", str(tmp_path / "main")], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "main" / "results.json").read_text())
+    settings = [r["setting"] for r in results["rows"]]
+    assert settings == ["FP32", "W8A8", "W4A8"]
+    w8, w4 = results["rows"][1], results["rows"][2]
+    assert 0 <= w8["mse_vs_fp"] and 0 <= w4["mse_vs_fp"]
+    assert (tmp_path / "main" / "comparison.png").is_file()
+    assert "W4A8" in out and "comparison.png" in out
