@@ -1,6 +1,6 @@
 """The ``diffquant`` command line.
 
-Subcommands: ``main`` (the README's main job), ``quantize``, ``sample``, ``evaluate``, ``train``.
+Subcommands: ``main`` (the README's main job), ``quantize``, ``sample``, ``evaluate``, ``bench``, ``train``.
 Bad input gives a one-line message and exit code 2 — never a traceback.
 """
 from __future__ import annotations
@@ -100,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_main_parser(sub)
     add_quantize_parser(sub)
+    from .bench import add_bench_parser
     from .diffusion.sample_cli import add_sample_parser
     from .eval.eval_cli import add_evaluate_parser
     from .zoo.train_cli import add_train_parser
 
     add_sample_parser(sub)
     add_evaluate_parser(sub)
+    add_bench_parser(sub)
     add_train_parser(sub)
     return parser
 

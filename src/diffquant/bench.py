@@ -1,0 +1,279 @@
+"""``diffquant bench``: a matrix of recipes × bit settings on one model, same seeds for every row.
+
+Writes ``results.json`` (every knob that moves a number, plus library versions), ``results.md``
+(FID, sFID, precision, recall, ε-MSE, calibration time, peak memory, model size), plots (FID vs
+bits per recipe; per-timestep ε-MSE) and a grid comparing samples from the same noise.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import save_yaml, to_dict
+from .errors import ConfigError
+from .pipeline import (
+    CalibConfig,
+    bundled_classifier,
+    build_quant_config,
+    default_guidance,
+    parse_setting,
+    quantize_bundle,
+    reference_dataset,
+)
+
+
+@dataclass
+class BenchConfig:
+    model: str = "mnist-resunet"
+    recipes: list[str] = field(default_factory=lambda: ["naive"])
+    settings: list[str] = field(default_factory=lambda: ["W8A8", "W4A8"])
+    n: int = 1000
+    steps: int = 50
+    scheduler: str = "ddim"
+    eta: float = 0.0
+    guidance: float | None = None
+    seed: int = 0
+    batch_size: int = 100
+    #: reference images (None = the whole test split)
+    ref_n: int | None = None
+    metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "precision", "recall"])
+    fd_method: str = "sqrtm"
+    #: samples whose trajectories give the per-timestep ε-MSE curve
+    eps_n: int = 64
+    split: bool = False
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    out: str = "runs/bench"
+
+
+def peak_rss_mb() -> float:
+    """Process high-water mark of resident memory (MiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+
+
+def model_size_mb(qmodel) -> float:
+    """Size the weights would take at their bit-widths (other tensors at fp32)."""
+    quantized = {}
+    for name, layer in qmodel.layers().items():
+        if layer.use_weight_quant:
+            bits = [q.bits for q in layer.weight_quantizers if q.active]
+            if bits:
+                quantized[f"{name}.weight"] = float(np.mean(bits))
+    total = 0.0
+    for key, value in qmodel.model.state_dict().items():
+        if key not in set(qmodel.float_keys):
+            continue
+        total += value.numel() * quantized.get(key, 32) / 8
+    return total / 2**20
+
+
+def float_size_mb(model) -> float:
+    return sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 2**20
+
+
+def _eps_curve(bundle, qmodel, cfg: BenchConfig, guidance: float, device) -> dict:
+    from .diffusion.sampling import sample
+    from .eval.fidelity import EpsErrorRecorder
+
+    def fn(unet):
+        def call(x, t, labels):
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+            return bundle.predict_noise(unet, x, tt, labels)
+
+        return call
+
+    recorder = EpsErrorRecorder(fn(bundle.unet), fn(qmodel))
+    sample(bundle, min(cfg.eps_n, cfg.n), seed=cfg.seed, scheduler=cfg.scheduler, steps=cfg.steps, eta=cfg.eta,
+           guidance=guidance, batch_size=cfg.batch_size, device=device, progress=False, step_callback=recorder)
+    return recorder.curve()
+
+
+def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
+    from .diffusion.grid import save_grid
+    from .diffusion.sampling import sample, save_samples
+    from .eval.fid import reference_stats
+    from .eval.inception import InceptionFeatures
+    from .eval.report import environment_record, evaluate_images
+    from .zoo.registry import load_model
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "bench_config.yaml")
+    bundle = load_model(cfg.model, assets=assets, device=device)
+    dataset = reference_dataset(bundle)
+    needs_reference = bool(set(cfg.metrics) & {"fid", "sfid", "precision", "recall"})
+    if dataset is None and needs_reference:
+        raise ConfigError(f"no reference data set is known for {bundle.name}; pass --metrics with no FID metrics")
+    guidance = default_guidance(bundle) if cfg.guidance is None else cfg.guidance
+    parsed = [(s.upper(), *parse_setting(s)) for s in cfg.settings]
+    extractor = InceptionFeatures(device=device) if needs_reference else None
+    reference = None
+    if needs_reference:
+        reference = reference_stats(dataset, "test", n=cfg.ref_n, extractor=extractor, device=device,
+                                    spatial="sfid" in cfg.metrics)
+    classifier = bundled_classifier(bundle, device)
+    sample_kw = dict(seed=cfg.seed, scheduler=cfg.scheduler, steps=cfg.steps, eta=cfg.eta, guidance=guidance,
+                     batch_size=cfg.batch_size, device=device)
+
+    def evaluate(images, labels, fp_images=None):
+        metrics = list(cfg.metrics)
+        if classifier is not None and labels is not None:
+            metrics.append("accuracy")
+        if fp_images is not None:
+            metrics += ["mse", "psnr"]
+        return evaluate_images(images, labels, reference=reference, extractor=extractor, classifier=classifier,
+                               fp_images=fp_images, metrics=metrics, device=device, fd_method=cfg.fd_method)["metrics"]
+
+    print(f"[bench] {bundle.name}: full precision, {cfg.n} samples")
+    t0 = time.perf_counter()
+    fp = sample(bundle, cfg.n, **sample_kw)
+    fp_sample_s = time.perf_counter() - t0
+    save_samples(fp, out / "samples" / "fp32")
+    rows = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp.images, fp.labels),
+             "calib_s": 0.0, "sample_s": round(fp_sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+             "size_mb": round(float_size_mb(bundle.unet), 3)}]
+    curves = {}
+    grids = [fp.images[:10]]
+    for recipe in cfg.recipes:
+        for tag, wbits, abits in parsed:
+            print(f"[bench] {recipe} {tag}: calibrating")
+            quant = build_quant_config(wbits, abits, None, split=cfg.split)
+            res = quantize_bundle(bundle, recipe, quant, cfg.calib, device)
+            qbundle = bundle.with_unet(res.qmodel)
+            t0 = time.perf_counter()
+            qs = sample(qbundle, cfg.n, **sample_kw)
+            sample_s = time.perf_counter() - t0
+            save_samples(qs, out / "samples" / f"{recipe}-{tag}")
+            curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
+            curves[f"{recipe} {tag}"] = curve
+            row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp.images),
+                   "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
+                   "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "size_mb": round(model_size_mb(res.qmodel), 3)}
+            rows.append(row)
+            grids.append(qs.images[:10])
+    results = {
+        "model": bundle.name,
+        "protocol": {"n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta,
+                     "guidance": guidance, "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
+                     "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
+                     "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib)},
+        "rows": rows,
+        "eps_mse_curves": curves,
+        "environment": environment_record(),
+        "command": " ".join(sys.argv),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    table = rows_markdown(rows)
+    (out / "results.md").write_text(
+        f"# {bundle.name}: {', '.join(cfg.recipes)} × {', '.join(cfg.settings)}\n\n"
+        f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
+        f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{table}\n\n"
+        f"Command: `{results['command']}`\n"
+    )
+    save_grid(out / "comparison.png", np.concatenate(grids), nrow=10)
+    _plots(rows, curves, out)
+    print(table)
+    return results
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+def rows_markdown(rows: list[dict]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plots(rows: list[dict], curves: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for recipe in sorted({r["recipe"] for r in rows if r["recipe"] != "fp32"}):
+        pts = [(parse_setting(r["setting"])[0] * 100 + parse_setting(r["setting"])[1], r["setting"], r.get("fid"))
+               for r in rows if r["recipe"] == recipe and r.get("fid") is not None]
+        pts.sort()
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=recipe)
+    fp = [r.get("fid") for r in rows if r["recipe"] == "fp32"]
+    if fp and fp[0] is not None:
+        ax.axhline(fp[0], color="k", ls="--", label="fp32")
+    ax.set_ylabel("FID")
+    ax.set_xlabel("bit setting")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_bits.png", dpi=120)
+    plt.close(fig)
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name, c in curves.items():
+            ax.plot(c["timestep"], c["eps_mse"], label=name)
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("ε MSE vs full precision")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "eps_mse_per_step.png", dpi=120)
+        plt.close(fig)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="recipes × bit settings on one model, same seeds, one table",
+                       description="Runs a matrix of recipes and bit settings on one model with the same seeds and "
+                                   "writes results.json, results.md, plots and a comparison grid.")
+    p.add_argument("--model", default="mnist-resunet")
+    p.add_argument("--assets", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--recipes", nargs="+", default=["naive"])
+    p.add_argument("--settings", nargs="+", default=["W8A8", "W4A8"])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--ref-n", type=int, default=None, help="reference images (default: the whole test split)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--metrics", nargs="*", default=["fid", "sfid", "precision", "recall"],
+                   help="Inception metrics (fid sfid precision recall); empty: fidelity to FP only")
+    p.add_argument("--fd-method", default="sqrtm", choices=["sqrtm", "eigh"])
+    p.add_argument("--calib-n", type=int, default=64)
+    p.add_argument("--calib-every", type=int, default=5)
+    p.add_argument("--split", action="store_true")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    if args.n <= 0 or (args.ref_n is not None and args.ref_n <= 0):
+        raise ConfigError("--n and --ref-n must be positive")
+    cfg = BenchConfig(model=args.model, recipes=args.recipes, settings=args.settings, n=args.n, steps=args.steps,
+                      ref_n=args.ref_n, metrics=args.metrics, fd_method=args.fd_method, split=args.split,
+                      calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out)
+    run_bench(cfg, device=args.device, assets=args.assets)
+    return 0
