@@ -29,14 +29,8 @@ TINY = dict(iters_w=3, iters_a=3, batch_size=4, cali_st=2, cali_n=4, act_init_n=
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import tiny_unet
-
-    torch.manual_seed(0)
-    unet = tiny_unet().eval()  # 3 class embeddings: classes 0, 1 and the null class 2
+def bundle(make_unet):
+    unet = make_unet()  # 3 class embeddings: classes 0, 1 and the null class 2
     return DiffusionBundle("tiny", unet, linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,
                            call_convention=CALL_DIFFUSERS)
 

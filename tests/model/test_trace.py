@@ -60,6 +60,9 @@ def test_unet_splits_are_exactly_the_up_block_shortcuts(make_unet, make_cond_une
         model = make()
         args, kwargs = example_inputs_for(model)
         trace = trace_model(model, args, kwargs)
+        # the trace also sees the sinusoidal [sin, cos] concatenation feeding the time MLP
+        # (the plan never splits that layer, see test_wrap.py)
+        assert trace.splits["time_embedding.linear_1"] == model.config.block_out_channels[0] // 2
         splits = {k: v for k, v in trace.splits.items() if not k.startswith("time_embedding")}
         expected = expected_up_block_splits(model, args, kwargs)
         assert splits == expected

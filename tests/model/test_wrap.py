@@ -116,6 +116,15 @@ def test_split_points_are_exactly_the_up_block_shortcuts(make_unet, make_cond_un
         assert all(lp.split is None for lp in plain.plan.layers)
 
 
+def test_time_embedding_and_dit_layers_are_never_split(make_unet, make_dit):
+    """Their inputs are sinusoidal [sin, cos] concatenations, not skip concatenations."""
+    for make in (make_unet, make_dit):
+        qmodel = quantize(make(), QuantConfig(split=True))
+        te = [lp for lp in qmodel.plan.layers if "time_embedding" in lp.roles]
+        assert te and all(lp.split is None for lp in te)
+    assert all(lp.split is None for lp in qmodel.plan.layers)  # the DiT has no skip concatenation
+
+
 def _skip_channels(model, i: int) -> list[int]:
     """Channels of the skips that up block ``i`` pops, recorded in a float forward."""
     seen = {}

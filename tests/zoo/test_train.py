@@ -147,7 +147,7 @@ def test_cli_parser_registers_train(tmp_path):
     args = parser.parse_args(["train", "diffusion", "--out", str(tmp_path), "--steps", "7",
                               "--max-minutes", "1.5", "--channels", "8,16", "--attn-levels", "1",
                               "--resume"])
-    assert args.func is not None and args.steps == 7 and args.max_minutes == 1.5
+    assert args.handler is not None and args.steps == 7 and args.max_minutes == 1.5
     assert args.channels == (8, 16) and args.resume
     args = parser.parse_args(["train", "classifier", "--out", str(tmp_path), "--epochs", "1"])
     assert args.epochs == 1

@@ -60,9 +60,9 @@ class QuantizerSpec:
         )
 
 
-def _needs_module_call(q: UniformQuantizer, x: Tensor) -> bool:
+def _needs_module_call(q: nn.Module, x: Tensor) -> bool:
     """Whether ``q(x)`` must run as a module call: anything but plain inference of the base class
-    (autograd needs the graph, observing, QDrop, hooks, tracing or export)."""
+    (a subclass or other module, autograd needs the graph, observing, QDrop, hooks, tracing)."""
     return (
         type(q) is not UniformQuantizer
         or q.mode != "quantize"
@@ -75,16 +75,17 @@ def _needs_module_call(q: UniformQuantizer, x: Tensor) -> bool:
     )
 
 
-def quantize_activation(q: UniformQuantizer, x: Tensor) -> Tensor:
+def quantize_activation(q: nn.Module, x: Tensor) -> Tensor:
     """``q(x)`` for activations, bit-identical, but at inference computed in place on one new
     tensor: the autograd-friendly formula allocates a fresh tensor for each of its eight
     elementwise steps, which made activation quantization cost as much as the convolutions
     (benchmarks/bench_wrap_overhead.py). Same operations in the same order as
-    ``fake_quantize``; STE rounding equals plain rounding in value."""
-    if not q.active:
-        return x
+    ``fake_quantize``; STE rounding equals plain rounding in value. Every other case (see
+    :func:`_needs_module_call`) calls the quantizer module itself."""
     if _needs_module_call(q, x):
         return q(x)
+    if not q.active:
+        return x
     k = q.row()
     if not bool(q.initialized[k]):
         return q(x)  # raises the quantizer's own "not initialised" error

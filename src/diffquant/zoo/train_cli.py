@@ -61,12 +61,12 @@ def _fill_subparsers(sub) -> None:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train`` (with ``diffusion`` / ``classifier``) on an argparse subparsers object.
 
-    The handler is stored as ``args.func``; call ``args.func(args)`` (returns an exit code).
+    The handler is stored as ``args.handler``; call ``args.handler(args)`` (returns an exit code).
     """
     p = subparsers.add_parser("train", help="train the bundled default diffusion model / classifier")
     sub = p.add_subparsers(dest="train_what", required=True, metavar="{diffusion,classifier}")
     _fill_subparsers(sub)
-    p.set_defaults(func=run_train)
+    p.set_defaults(handler=run_train)
     return p
 
 
