@@ -99,3 +99,30 @@ def test_main_job_runs_end_to_end_on_a_tiny_n(tmp_path, capsys, monkeypatch):
     assert 0 <= w8["mse_vs_fp"] and 0 <= w4["mse_vs_fp"]
     assert (tmp_path / "main" / "comparison.png").is_file()
     assert "W4A8" in out and "comparison.png" in out
+
+
+def test_quantize_with_a_recipe_config_resumes_from_its_work_dir(tmp_path, capsys, tiny_unet_folder, monkeypatch):
+    """qdiffusion through the CLI with a YAML recipe config; a rerun reuses the finished units."""
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "qd.yaml"
+    cfg.write_text("iters_w: 2\niters_a: 2\nbatch_size: 2\ncali_st: 2\ncali_n: 2\nact_init_n: 2\n")
+    argv = ["quantize", "--model", str(tiny_unet_folder), "--recipe", "qdiffusion", "--recipe-config", str(cfg),
+            "--calib-n", "2", "--calib-steps", "2", "--calib-every", "1", "--out", str(tmp_path / "q")]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["recipe"] == "qdiffusion"
+    assert (tmp_path / "q" / "recipe.yaml").read_text().count("iters_w: 2") == 1
+    assert (tmp_path / "q" / "work").is_dir()
+    first = (tmp_path / "q" / "quant_state.safetensors").read_bytes()
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert (tmp_path / "q" / "quant_state.safetensors").read_bytes() == first
+
+
+def test_bad_recipe_config_key_is_a_clear_error(tmp_path, capsys, tiny_unet_folder):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("iterations_w: 2\n")
+    code, _, err = run(["quantize", "--model", str(tiny_unet_folder), "--recipe", "qdiffusion",
+                        "--recipe-config", str(cfg), "--out", str(tmp_path / "q")], capsys)
+    assert code == 2 and "unknown QDiffusionConfig option" in err

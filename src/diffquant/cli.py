@@ -44,7 +44,11 @@ def add_quantize_parser(sub) -> None:
                        description="Capture calibration data along full-precision trajectories, wrap the model, "
                                    "run a recipe and save quant_state.safetensors + manifest.json.")
     add_common_model_args(p)
-    p.add_argument("--recipe", default="naive", help="recipe name (available: naive)")
+    p.add_argument("--recipe", default="naive",
+                   help="recipe name: naive, qdiffusion, qdiffusion_official, ... (see README)")
+    p.add_argument("--recipe-config", default=None, help="YAML file with the recipe's options (e.g. configs/qdiffusion.yaml)")
+    p.add_argument("--work-dir", default=None,
+                   help="where reconstruction progress is kept; rerun the same command to resume (default OUT/work)")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits (1-8, 16/32 = full precision)")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits (1-8, 16/32 = full precision)")
     p.add_argument("--config", default=None, help="YAML file with QuantConfig options (overrides --wbits/--abits)")
@@ -62,7 +66,8 @@ def _run_quantize(args) -> int:
     result = quantize_model(
         model=args.model, recipe=args.recipe, wbits=args.wbits, abits=args.abits, config_path=args.config,
         split=args.split, calib=CalibConfig(n=args.calib_n, steps=args.calib_steps, every=args.calib_every),
-        out=args.out, assets=args.assets, device=args.device,
+        out=args.out, assets=args.assets, device=args.device, recipe_config_path=args.recipe_config,
+        work_dir=args.work_dir,
     )
     print(result.summary)
     print(f"saved to {result.path}")

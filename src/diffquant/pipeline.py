@@ -118,15 +118,31 @@ def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig,
     return QuantizeResult(qmodel, None, qmodel.summary(), t2 - t0, {"capture_s": t1 - t0, "recipe_s": t2 - t1})
 
 
+def load_recipe_config(recipe: str, path: str | None):
+    """The recipe's config dataclass, from a YAML file when given (unknown keys are an error)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
+    config_cls, _ = RECIPES[recipe]
+    return load_yaml(config_cls, path) if path else config_cls()
+
+
 def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_path: str | None, split: bool,
-                   calib: CalibConfig, out: str, assets=None, device="cpu") -> QuantizeResult:
+                   calib: CalibConfig, out: str, assets=None, device="cpu", recipe_config_path: str | None = None,
+                   work_dir: str | None = None) -> QuantizeResult:
+    """Quantize a named model or folder and save the result into ``out``.
+
+    ``work_dir`` keeps per-unit progress of reconstruction recipes: rerunning the same command
+    after an interruption resumes at the next unit (default: ``<out>/work``)."""
     from .zoo.registry import load_model
 
+    recipe_config = load_recipe_config(recipe, recipe_config_path)
     bundle = load_model(model, assets=assets, device=device)
     quant = build_quant_config(wbits, abits, config_path, split)
-    result = quantize_bundle(bundle, recipe, quant, calib, device)
+    result = quantize_bundle(bundle, recipe, quant, calib, device, recipe_config=recipe_config,
+                             work_dir=work_dir or str(Path(out) / "work"))
     result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib), "timings": result.timings})
     save_yaml(calib, Path(out) / "calib.yaml")
+    save_yaml(recipe_config, Path(out) / "recipe.yaml")
     return result
 
 
