@@ -126,3 +126,27 @@ def test_bad_recipe_config_key_is_a_clear_error(tmp_path, capsys, tiny_unet_fold
     code, _, err = run(["quantize", "--model", str(tiny_unet_folder), "--recipe", "qdiffusion",
                         "--recipe-config", str(cfg), "--out", str(tmp_path / "q")], capsys)
     assert code == 2 and "unknown QDiffusionConfig option" in err
+
+
+@pytest.mark.parametrize("backend", ["fake", "int8"])
+def test_sample_from_a_quantized_checkpoint(tmp_path, capsys, tiny_unet_folder, monkeypatch, backend):
+    import numpy as np
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    q = tmp_path / "q"
+    assert run(["quantize", "--model", str(tiny_unet_folder), "--calib-n", "2", "--calib-steps", "2",
+                "--calib-every", "1", "--out", str(q)], capsys)[0] == 0
+    common = ["sample", "--model", str(tiny_unet_folder), "--n", "2", "--steps", "3", "--no-progress"]
+    code, _, err = run(common + ["--out", str(tmp_path / "fp")], capsys)
+    assert code == 0, err
+    code, _, err = run(common + ["--quantized", str(q), "--backend", backend, "--out", str(tmp_path / "qs")], capsys)
+    assert code == 0, err
+    fp = np.load(tmp_path / "fp" / "samples.npz")["images"]
+    qs = np.load(tmp_path / "qs" / "samples.npz")["images"]
+    assert fp.shape == qs.shape and not np.array_equal(fp, qs)
+
+
+def test_int8_backend_without_a_checkpoint_is_a_clear_error(tmp_path, capsys, tiny_unet_folder):
+    code, _, err = run(["sample", "--model", str(tiny_unet_folder), "--n", "1", "--backend", "int8",
+                        "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "--quantized" in err

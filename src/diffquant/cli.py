@@ -1,6 +1,7 @@
 """The ``diffquant`` command line.
 
-Subcommands: ``main`` (the README's main job), ``quantize``, ``sample``, ``evaluate``, ``bench``, ``train``.
+Subcommands: ``main`` (the README's main job), ``quantize``, ``sample``, ``evaluate``, ``bench``, ``export``,
+``train``.
 Bad input gives a one-line message and exit code 2 — never a traceback.
 """
 from __future__ import annotations
@@ -96,6 +97,27 @@ def _run_main(args) -> int:
     return 0
 
 
+def _run_sample(args) -> int:
+    from .diffusion.sample_cli import run_sample
+
+    if args.quantized is None:
+        if args.backend != "fake":
+            raise DiffquantError("--backend int8 needs --quantized CHECKPOINT")
+        return run_sample(args)
+
+    def prepare(bundle):
+        from .model import load
+
+        qmodel = load(bundle.unet, args.quantized, device=args.device)
+        if args.backend == "int8":
+            from .export.int8_backend import to_int8
+
+            qmodel = to_int8(qmodel)
+        return bundle.with_unet(qmodel)
+
+    return run_sample(args, prepare=prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffquant",
@@ -110,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.eval_cli import add_evaluate_parser
     from .zoo.train_cli import add_train_parser
 
-    add_sample_parser(sub)
+    sample_parser = add_sample_parser(sub)
+    sample_parser.add_argument("--quantized", default=None,
+                               help="a quantized checkpoint directory (from `diffquant quantize`) to sample from")
+    sample_parser.add_argument("--backend", default="fake", choices=["fake", "int8"],
+                               help="fake = simulated quantization; int8 = integer CPU kernels where available")
+    sample_parser.set_defaults(handler=_run_sample)
+    from .export.export_cli import add_export_parser
+
+    add_export_parser(sub)
     add_evaluate_parser(sub)
     add_bench_parser(sub)
     add_train_parser(sub)

@@ -46,16 +46,19 @@ def default_guidance(bundle) -> float:
     return 2.0 if bundle.is_conditional else 1.0
 
 
-def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None, select=None):
+def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None, select=None, capture_options=None):
     """Uniformly selected (x_t, t, labels) batches from captured FP trajectories; a recipe may
-    bring its own selection ``select(cache) -> CalibrationSet`` (e.g. Q-Diffusion's policies)."""
+    bring its own selection ``select(cache) -> CalibrationSet`` (e.g. Q-Diffusion's policies) and
+    extra ``capture_trajectories`` arguments ``capture_options`` (e.g. EDA-DM's TDAC feature
+    hooks; a ``seed`` there replaces ``calib.seed``)."""
     from .calib.capture import capture_trajectories
     from .calib.select import uniform
 
     guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
+    options = {"seed": calib.seed, **(capture_options or {})}
     cache = capture_trajectories(
         bundle, calib.n, steps=calib.steps, scheduler=calib.scheduler, eta=calib.eta, guidance=guidance,
-        seed=calib.seed, batch_size=calib.batch_size, device=device, cache_dir=cache_dir,
+        batch_size=calib.batch_size, device=device, cache_dir=cache_dir, **options,
     )
     if select is not None:
         return select(cache)
@@ -106,7 +109,8 @@ def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig,
     t0 = time.perf_counter()
     guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
     select = getattr(config, "select_calibration", None)
-    calib_set = calibration_batches(bundle, calib, device, cache_dir, select=select)
+    capture = config.capture_options(bundle.unet) if hasattr(config, "capture_options") else None
+    calib_set = calibration_batches(bundle, calib, device, cache_dir, select=select, capture_options=capture)
     t1 = time.perf_counter()
     args, kwargs = bundle.example_inputs(2, device=device)
     qmodel = quantize(bundle.unet, quant, (args, kwargs))

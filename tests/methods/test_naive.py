@@ -176,3 +176,25 @@ def test_a_layer_the_data_never_reaches_stays_in_floating_point():
     run_naive(qmodel, lambda m: m(x))
     assert qmodel.model.used.act_quantizers[0].enabled
     assert not qmodel.model.unused.act_quantizers[0].enabled
+
+
+def test_naive_config_range_policies_reach_the_wrapped_quantizers(tmp_path, monkeypatch):
+    """NaiveConfig(w_init=lp_shrink, a_init=ema_minmax) through the pipeline sets the quantizers' policies."""
+    from diffusers import UNet2DModel
+
+    from diffquant.config import QuantConfig
+    from diffquant.methods.naive import NaiveConfig
+    from diffquant.pipeline import CalibConfig, quantize_bundle
+    from diffquant.zoo.registry import load_model
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(tmp_path / "m")
+    bundle = load_model(str(tmp_path / "m"))
+    res = quantize_bundle(bundle, "naive", QuantConfig(weight_bits=4), CalibConfig(n=2, steps=2, every=1),
+                          recipe_config=NaiveConfig(w_init="lp_shrink", a_init="ema_minmax"))
+    assert {q.init for q in res.qmodel.quantizers("weight").values()} == {"lp_shrink"}
+    assert {q.init for q in res.qmodel.quantizers("act").values()} == {"ema_minmax"}
+    assert res.qmodel.config.weight_init == "lp_shrink"

@@ -216,3 +216,26 @@ def test_per_timestep_tables(calibrated, make_unet, unet_inputs, tmp_path):
 
     with pytest.raises(DiffquantError, match="not in the calibrated schedule"):
         out(loaded, t=250, unet_inputs=unet_inputs)
+
+
+def test_layer_with_float_weights_and_quantized_input_round_trips(tmp_path):
+    """A rule keeping a layer's weights FP (16 bit) while its input is quantized saves and loads."""
+    from diffusers import UNet2DModel
+
+    import diffquant as dq
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    cfg = dq.QuantConfig(rules=[dq.LayerRule("conv_in", weight_bits=16)])
+    qmodel = dq.quantize(unet, cfg)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])
+    dq.run_naive(qmodel, lambda m: m(x, t))
+    with torch.no_grad():
+        before = qmodel(x, t).sample
+    assert not any(k.endswith("_cache") for k in qmodel.state_dict())
+    dq.save(qmodel, tmp_path / "q")
+    with torch.no_grad():
+        after = dq.load(unet, tmp_path / "q")(x, t).sample
+    assert torch.equal(before, after)

@@ -165,3 +165,27 @@ def test_attention_mask_is_applied_in_the_quantized_path(device):
     assert probs[0][..., 3:].max() < 1e-6  # masked keys get no probability
     rel = (out - reference).norm() / reference.norm()
     assert rel < 0.05
+
+
+@pytest.mark.parametrize("kind", ["image_self", "cross"])
+def test_chunked_cpu_inference_equals_the_whole_computation(kind, monkeypatch):
+    import diffquant.nn.attention as attention_module
+
+    attn, args, kwargs = make_attention(kind, "cpu")
+    if kind == "cross":
+        mask = torch.zeros(2, 1, 5)
+        mask[1, :, 2:] = -10000.0
+        kwargs = {**kwargs, "attention_mask": mask}
+    proc = install(attn, A8, P8)
+    calibrate(attn, proc, args, kwargs)
+    monkeypatch.setattr(attention_module, "SCORE_CHUNK_ELEMENTS", 1 << 30)
+    with torch.no_grad():
+        whole = attn(*args, **kwargs)
+    calls = []
+    original = proc._attend_rows
+    monkeypatch.setattr(proc, "_attend_rows", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    monkeypatch.setattr(attention_module, "SCORE_CHUNK_ELEMENTS", 1)  # one row per chunk
+    with torch.no_grad():
+        chunked = attn(*args, **kwargs)
+    assert calls == [1] * 4  # batch 2 × 2 heads
+    assert torch.equal(chunked, whole)

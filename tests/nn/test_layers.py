@@ -346,6 +346,7 @@ FAST_CASES = [
     dict(bits=8, grid="unsigned"),
     dict(bits=6, grid="asymmetric", channel_axis=1, channels=6),
     dict(bits=8, grid="asymmetric", num_steps=3),
+    dict(bits=8, grid="asymmetric", real_zero_point=0.37),  # MPQ-DM's real-valued zero point
 ]
 
 
@@ -355,6 +356,8 @@ def test_inference_activation_path_is_bit_identical_to_the_quantizer(case, devic
     from diffquant.quant.quantizer import UniformQuantizer
     from diffquant.quant.timestep import TimestepIndex
 
+    case = dict(case)
+    zero_shift = case.pop("real_zero_point", 0.0)
     q = UniformQuantizer(**case).to(device)
     x = make_input("Conv2d").to(device) * 3 + 0.5
     if q.num_steps > 1:
@@ -364,6 +367,7 @@ def test_inference_activation_path_is_bit_identical_to_the_quantizer(case, devic
         q.timestep_index.index = 1
     else:
         q.observe(x[:2])  # part of the data: some values get clipped
+    q.zero_point.data += zero_shift
     with torch.no_grad():
         expected = q(x)
     assert not torch.equal(expected, x)

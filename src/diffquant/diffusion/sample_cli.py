@@ -38,8 +38,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    """Handler of ``diffquant sample``; under torchrun every rank samples and rank 0 writes."""
+def run_sample(args: argparse.Namespace, prepare=None) -> int:
+    """Handler of ``diffquant sample``; under torchrun every rank samples and rank 0 writes.
+
+    ``prepare(bundle) -> bundle`` may swap the denoiser (the CLI uses it for quantized models;
+    the sampler itself knows nothing about quantization)."""
     from diffquant.zoo.registry import load_model
 
     if args.n < 1:
@@ -49,6 +52,8 @@ def run_sample(args: argparse.Namespace) -> int:
     try:
         device = distributed.device_for_rank(args.device, info)
         bundle = load_model(args.model, assets=args.assets, device=device)
+        if prepare is not None:
+            bundle = prepare(bundle)
         result = sample(bundle, args.n, seed=args.seed, start_index=args.start_index,
                         scheduler=args.scheduler, steps=args.steps, eta=args.eta, guidance=args.guidance,
                         classes=args.classes, batch_size=args.batch_size, device=device,

@@ -1,4 +1,5 @@
 """Recipes: compositions of shared calibration stages."""
+from .edadm import EDADMConfig, EDADMOfficialConfig, run_edadm
 from .naive import NaiveConfig, run_naive
 from .qdiffusion import QDiffusionConfig, QDiffusionOfficialConfig, run_qdiffusion
 
@@ -7,6 +8,8 @@ RECIPES = {
     "naive": (NaiveConfig, run_naive),
     "qdiffusion": (QDiffusionConfig, run_qdiffusion),
     "qdiffusion_official": (QDiffusionOfficialConfig, run_qdiffusion),
+    "edadm": (EDADMConfig, run_edadm),
+    "edadm_official": (EDADMOfficialConfig, run_edadm),
 }
 
-__all__ = ["RECIPES", "NaiveConfig", "QDiffusionConfig", "QDiffusionOfficialConfig", "run_naive", "run_qdiffusion"]
+__all__ = ["RECIPES", "EDADMConfig", "EDADMOfficialConfig", "run_edadm", "NaiveConfig", "QDiffusionConfig", "QDiffusionOfficialConfig", "run_naive", "run_qdiffusion"]

@@ -5,6 +5,7 @@ calibration inputs over all timesteps (one set shared by all steps). No reconstr
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..config import QuantConfig
@@ -22,7 +23,9 @@ class NaiveConfig:
     #: activation range init: minmax (global) | ema_minmax
     a_init: str = "minmax"
 
-    def apply_to(self, quant: QuantConfig) -> QuantConfig:
+    def wrap_config(self, quant: QuantConfig) -> QuantConfig:
+        """The wrap config with this recipe's range policies (applied before wrapping)."""
+        quant = dataclasses.replace(quant)
         quant.weight_init = self.w_init
         quant.act_init = self.a_init
         quant.__post_init__()

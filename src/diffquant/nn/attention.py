@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import QuantizerSpec, quantize_activation
+from .layers import QuantizerSpec, _needs_module_call, quantize_activation
 
 MATMUL_QUANTIZERS = ("q", "k", "v", "probs")
+#: score-matrix elements per chunk at CPU inference (2 MiB of float32: stays in cache)
+SCORE_CHUNK_ELEMENTS = 1 << 19
 
 
 class QuantAttnProcessor(nn.Module):
@@ -86,21 +88,7 @@ class QuantAttnProcessor(nn.Module):
         key = self._maybe(self.k_quantizer, key)
         value = self._maybe(self.v_quantizer, attn.head_to_batch_dim(value))
 
-        dtype = query.dtype
-        q32, k32 = query.float(), key.float()
-        # scale·QKᵀ (+ mask) in one baddbmm, as diffusers' get_attention_scores, but always FP32
-        if attention_mask is None:
-            bias = torch.empty(q32.shape[0], q32.shape[1], k32.shape[1], dtype=torch.float32, device=q32.device)
-            beta = 0.0
-        else:
-            bias, beta = attention_mask.float(), 1.0
-        scores = torch.baddbmm(bias, q32, k32.transpose(-1, -2), beta=beta, alpha=attn.scale)
-        del bias
-        probs = scores.softmax(dim=-1)
-        del scores
-        probs = self._maybe(self.probs_quantizer, probs).to(dtype)
-
-        hidden_states = torch.bmm(probs, value)
+        hidden_states = self._attend(query, key, value, attention_mask, attn.scale)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -109,3 +97,38 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        """Q(P)·V with P = softmax(scale·QKᵀ + mask), over rows [B·heads, tokens, dim].
+
+        At CPU inference the rows go in chunks whose score matrices stay in cache (each row is
+        computed independently, so the result is the same); a probs quantizer that observes or
+        learns sees the whole tensor at once, as one batch.
+        """
+        rows, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (n_q * n_k))
+        if query.device.type != "cpu" or chunk >= rows or _needs_module_call(self.probs_quantizer, query) \
+                or (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)):
+            return self._attend_rows(query, key, value, mask, scale)
+        per_row_mask = mask is not None and mask.shape[0] == rows
+        return torch.cat([
+            self._attend_rows(query[i:i + chunk], key[i:i + chunk], value[i:i + chunk],
+                              mask[i:i + chunk] if per_row_mask else mask, scale)
+            for i in range(0, rows, chunk)
+        ])
+
+    def _attend_rows(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        dtype = query.dtype
+        q32, k32 = query.float(), key.float()
+        # scale·QKᵀ (+ mask) in one baddbmm, as diffusers' get_attention_scores, but always FP32
+        if mask is None:
+            bias = torch.empty(q32.shape[0], q32.shape[1], k32.shape[1], dtype=torch.float32, device=q32.device)
+            beta = 0.0
+        else:
+            bias, beta = mask.float(), 1.0
+        scores = torch.baddbmm(bias, q32, k32.transpose(-1, -2), beta=beta, alpha=scale)
+        del bias
+        probs = scores.softmax(dim=-1)
+        del scores
+        probs = self._maybe(self.probs_quantizer, probs).to(dtype)
+        return torch.bmm(probs, value)

@@ -92,8 +92,13 @@ def quantize_activation(q: nn.Module, x: Tensor) -> Tensor:
     s, z = q.params(x.dim(), k)
     s, z = s.to(x.dtype), z.to(x.dtype)
     spec = q.spec
-    y = torch.div(x, s)
-    return y.round_().add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
+    y = torch.div(x, s).round_()
+    if x.device.type == "cpu" and z.dim() == 0:
+        z_value = float(z)
+        if z_value.is_integer():
+            # integers add exactly, so clamp(r + z, lo, hi) − z = clamp(r, lo − z, hi − z)
+            return y.clamp_(spec.qmin - z_value, spec.qmax - z_value).mul_(s)
+    return y.add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
 
 
 def _version(t: Tensor) -> int:
@@ -199,7 +204,8 @@ class QuantLayer(nn.Module):
 
     def effective_weight(self) -> Tensor:
         """The (fake-quantized) weight used by forward; cached while nothing is learned."""
-        if not self.use_weight_quant:
+        if not self.use_weight_quant or not any(q.active for q in self.weight_quantizers):
+            # nothing to quantize (and caching the Parameter itself would register it)
             return self.weight
         deps = self._dependencies()
         learning = torch.is_grad_enabled() and any(t.requires_grad for t in deps)

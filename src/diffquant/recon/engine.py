@@ -112,6 +112,16 @@ class ReconPass:
         """The training loss at iteration ``count`` (1-based); default: the reconstruction loss."""
         return self.rec_loss(unit, pred, target)
 
+    def training_loss(self, unit: Unit, cache: UnitCache, index: Tensor, device, count: int) -> Tensor:
+        """The loss of training iteration ``count`` (1-based) on the cached samples at ``index``.
+
+        Default: the unit on :meth:`unit_inputs` against the cached y^fp, through :meth:`loss`.
+        Passes that need more than one forward per iteration (EDA-DM's FBR) override this.
+        """
+        args, kwargs = self.unit_inputs(cache, index, device, training=True)
+        pred = first_tensor(unit.module(*args, **kwargs))
+        return self.loss(unit, pred, cache.target(index, device), count)
+
     def after_step(self, unit: Unit) -> None:
         """Called after every optimiser step (e.g. to keep steps above their floor)."""
 
@@ -204,9 +214,7 @@ def reconstruct_unit(qmodel: QuantModel, unit: Unit, data: CalibrationCalls, rec
             _set_quantizer_training(unit, True)
             for count in range(1, iters + 1):
                 index = next(batches)
-                args, kwargs = recon_pass.unit_inputs(cache, index, device, training=True)
-                pred = first_tensor(unit.module(*args, **kwargs))
-                loss = recon_pass.loss(unit, pred, cache.target(index, device), count)
+                loss = recon_pass.training_loss(unit, cache, index, device, count)
                 for opt in optim.optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -72,9 +72,15 @@ class AdaRoundPass(ReconPass):
             layer.clear_cache()
         return UnitOptim([torch.optim.Adam(trained, lr=self.lr)] if trained else [])
 
+    def regularizer(self, count: int) -> Tensor | None:
+        """λ·Σ(1 − |2h(V)−1|^β) over the unit being trained at iteration ``count``; None while
+        the schedule is in its warm-up or λ = 0 (used by passes that combine AdaRound with more)."""
+        reg, _ = rounding_regularizer(self._regularized, self._schedule, count, self.reg_weight)
+        return reg
+
     def loss(self, unit: Unit, pred: Tensor, target: Tensor, count: int) -> Tensor:
         rec = self.rec_loss(unit, pred, target)
-        reg, _ = rounding_regularizer(self._regularized, self._schedule, count, self.reg_weight)
+        reg = self.regularizer(count)
         return rec if reg is None else rec + reg
 
     def finish(self, unit: Unit) -> None:

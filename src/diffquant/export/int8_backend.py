@@ -1,0 +1,201 @@
+"""Native PyTorch integer inference on CPU: QuantLayers replaced by int8 kernels.
+
+Kernels: PyTorch's x86 oneDNN quantized ops ``torch.ops.onednn.qconv1d_pointwise`` /
+``qconv2d_pointwise`` / ``qlinear_pointwise`` with prepacked int8 weights (``qconv_prepack``,
+``qlinear_prepack``), uint8 activations with a per-tensor scale and zero point, per-channel
+weight scales, and **fp32 output** (no requantization) — so the result differs from the
+fake-quant model only by float rounding in the accumulation and rescale. (``torch._int_mm`` is
+slower than fp32 matmul on CPU and ``quantized::conv2d`` requantizes its output to uint8, so
+neither is used.)
+
+Integer mapping (:mod:`.codes`): the activation codes of one timestep row, shifted onto uint8; the
+weight codes centred on their zero point, q − z, as int8 with zero point 0 (oneDNN ignores weight
+zero points). 8-bit asymmetric weights do not fit int8 that way: q − 128 is used instead and
+(128 − z)·s_w·s_x·Σ(x_q − z_x) over each window is added (a one-channel int8 conv with an
+all-ones kernel, or a row sum for Linear).
+
+Kept on the fake-quant path (reported by :attr:`Int8Report.fake_quant`): ConvTranspose2d (no
+oneDNN kernel exposed), layers whose input or weight is not quantized (or wider than 8 bits),
+real-valued zero points, and the attention act-to-act matmuls.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, DiffquantError
+from ..model.qmodel import QuantModel
+from ..nn.layers import QuantLayer
+from .codes import ActCodes, ExportError, WeightCodes, act_codes, layer_weight_codes, weight_is_quantized
+
+INT8_KINDS = ("Conv1d", "Conv2d", "Linear")
+
+
+@dataclass
+class Int8Report:
+    """Which layers run on int8 kernels, and why the others do not."""
+
+    int8: list[str] = field(default_factory=list)
+    fake_quant: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.int8)} layers on int8 kernels, {len(self.fake_quant)} on the fake-quant path"]
+        lines += [f"  {name}: {why}" for name, why in self.fake_quant.items()]
+        return "\n".join(lines)
+
+
+def _onednn():
+    return torch.ops.onednn
+
+
+def int8_kernels_available() -> bool:
+    """Whether this PyTorch build runs the oneDNN int8 conv/linear kernels on this CPU."""
+    try:
+        w = torch.ones(1, 1, 1, 1, dtype=torch.int8)
+        packed = _onednn().qconv_prepack(w, torch.ones(1), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+        x = torch.ones(1, 1, 1, 1, dtype=torch.uint8)
+        y = _onednn().qconv2d_pointwise(x, 1.0, 0, packed, torch.ones(1), torch.zeros(1, dtype=torch.int64), None,
+                                        [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+        return bool(y.reshape(-1)[0] == 1.0)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+class _Int8Weight(nn.Module):
+    """One weight part prepacked for oneDNN, with the W8-asymmetric correction if needed."""
+
+    def __init__(self, wc: WeightCodes, kind: str, op_args: dict):
+        super().__init__()
+        centered = wc.centered().to(torch.int64)
+        fits = centered.numel() == 0 or bool(centered.min() >= -128 and centered.max() <= 127)
+        codes = centered if fits else wc.codes.to(torch.int64) - 128
+        self.register_buffer("w_scale", wc.step.float().contiguous())
+        self.register_buffer("w_zero", torch.zeros(wc.channels, dtype=torch.int64))
+        self.register_buffer("correction", None if fits else ((128 - wc.zero_point).double() * wc.step.double()).float())
+        codes = codes.to(torch.int8).contiguous()
+        self.ones_packed = None
+        if kind == "Linear":
+            self.packed = _onednn().qlinear_prepack(codes, None)
+        else:
+            a = op_args
+            self.packed = _onednn().qconv_prepack(codes, self.w_scale, 1.0, 0, list(a["stride"]), list(a["padding"]),
+                                                  list(a["dilation"]), a["groups"], None)
+            if not fits:
+                ones = torch.ones(1, *codes.shape[1:], dtype=torch.int8)
+                self.ones_packed = _onednn().qconv_prepack(ones, torch.ones(1), 1.0, 0, list(a["stride"]),
+                                                           list(a["padding"]), list(a["dilation"]), 1, None)
+
+
+class Int8Layer(nn.Module):
+    """A QuantLayer (Conv1d/Conv2d/Linear) on oneDNN int8 kernels with fp32 output."""
+
+    def __init__(self, layer: QuantLayer, name: str = "layer"):
+        super().__init__()
+        self.kind = layer.kind
+        self.name = name
+        self.op_args = dict(layer.op_args)
+        self.split = layer.split
+        self.act_axis = layer.act_axis
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().contiguous())
+        # the activation quantizers stay (timestep rows are read from them at call time)
+        self.act_quantizers = layer.act_quantizers
+        self.rows: list[list[ActCodes]] = [
+            [act_codes(q, k, f"{name} input") for k in range(q.num_steps)] for q in layer.act_quantizers
+        ]
+        self.weights = nn.ModuleList(_Int8Weight(wc, self.kind, self.op_args) for wc in layer_weight_codes(layer, name))
+        if self.kind == "Conv2d":
+            self._op = _onednn().qconv2d_pointwise
+        elif self.kind == "Conv1d":
+            self._op = _onednn().qconv1d_pointwise
+
+    def _conv_args(self) -> tuple:
+        a = self.op_args
+        return list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"]
+
+    def _part(self, x: Tensor, w: _Int8Weight, act: ActCodes, bias: Tensor | None) -> Tensor:
+        xq = act.quantize(x.float())
+        if self.kind == "Linear":
+            y = _onednn().qlinear_pointwise(xq, act.scale, act.zero_point, w.packed, w.w_scale, w.w_zero, bias,
+                                            1.0, 0, torch.float32, "none", [], "")
+            if w.correction is not None:
+                sums = (xq.to(torch.int32) - act.zero_point).sum(dim=-1, keepdim=True).float() * act.scale
+                y = y + sums * w.correction
+            return y
+        conv = self._conv_args()
+        y = self._op(xq, act.scale, act.zero_point, w.packed, w.w_scale, w.w_zero, bias, *conv,
+                     1.0, 0, torch.float32, "none", [], "")
+        if w.correction is not None:
+            sums = self._op(xq, act.scale, act.zero_point, w.ones_packed, torch.ones(1), torch.zeros(1, dtype=torch.int64),
+                            None, conv[0], conv[1], conv[2], 1, 1.0, 0, torch.float32, "none", [], "")
+            shape = [1, -1] + [1] * (y.dim() - 2)
+            y = y + sums * w.correction.reshape(shape)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.split is None:
+            xs = [x]
+        else:
+            xs = list(torch.split(x, [self.split, x.shape[self.act_axis] - self.split], dim=self.act_axis))
+        out = None
+        for i, (xp, w, q) in enumerate(zip(xs, self.weights, self.act_quantizers)):
+            act = self.rows[i][q.row()]
+            y = self._part(xp, w, act, self.bias if i == 0 else None)
+            out = y if out is None else out + y
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        split = f", split={self.split}" if self.split is not None else ""
+        return f"{self.kind}, int8 oneDNN{split}"
+
+
+def int8_blocker(layer: QuantLayer) -> str | None:
+    """Why ``layer`` cannot run on an int8 kernel (None when it can)."""
+    if layer.kind not in INT8_KINDS:
+        return f"no oneDNN int8 kernel for {layer.kind}"
+    if not weight_is_quantized(layer):
+        return "weight not quantized"
+    if not layer.use_act_quant or not all(q.active for q in layer.act_quantizers):
+        return "input not quantized"
+    if isinstance(layer.op_args.get("padding"), str):
+        return "string padding"
+    return None
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def to_int8(qmodel: QuantModel) -> QuantModel:
+    """A copy of ``qmodel`` whose eligible layers run on int8 kernels (CPU only).
+
+    The returned model is called exactly like ``qmodel`` (timestep rows included); its
+    :class:`Int8Report` is in ``model.int8_report``.
+    """
+    if not isinstance(qmodel, QuantModel):
+        raise ConfigError(f"to_int8() needs a QuantModel, got {type(qmodel).__name__}")
+    if any(p.device.type != "cpu" for p in qmodel.parameters()):
+        raise ConfigError("the int8 backend runs on the CPU: move the model to cpu first")
+    if not int8_kernels_available():
+        raise DiffquantError("this PyTorch build has no usable oneDNN int8 kernels on this CPU")
+    model = copy.deepcopy(qmodel).eval()
+    report = Int8Report()
+    for name, layer in model.layers().items():
+        why = int8_blocker(layer)
+        if why is None:
+            try:
+                _set_submodule(model.model, name, Int8Layer(layer, name))
+                report.int8.append(name)
+                continue
+            except ExportError as exc:
+                why = str(exc)
+        report.fake_quant[name] = why
+    for name in model.plan.attention:
+        report.fake_quant[f"{name} (matmuls)"] = "attention act-to-act matmuls stay fake-quant"
+    model.int8_report = report
+    return model

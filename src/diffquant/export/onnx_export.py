@@ -1,0 +1,207 @@
+"""ONNX export of a quantized denoiser (and of the float one, for comparison).
+
+The export works on a deep copy of the QuantModel: every QuantLayer becomes an
+:class:`~.onnx_modules.OnnxQuantLayer` and every quantized attention processor an
+:class:`~.onnx_modules.OnnxAttnProcessor`, holding int8 weight initializers and the activation
+parameters as constants; ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter — the
+dynamo exporter needs onnxscript, which is not installed) traces it. See :mod:`.onnx_modules` for
+the two node layouts (``qdq``: QuantizeLinear/DequantizeLinear pairs, portable; ``integer``:
+ConvInteger/MatMulInteger, integer kernels in onnxruntime).
+
+Per-timestep activation parameters (METHODS.md §1.7): **one graph per timestep group**. Rows of
+the tables that hold identical parameters for every quantizer form a group; each group is
+exported as its own graph with constant parameters (so runtimes can fuse them into integer
+kernels). ``path`` holds the group of the first calibrated timestep and ``<stem>.g<j>.onnx`` the
+others; the sidecar ``<stem>.json`` lists the timesteps of every graph, and
+:class:`~.onnx_runtime.OnnxDenoiser` picks the graph for each call's timestep. Each graph carries
+a full copy of the weights.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..model.qmodel import QuantModel
+from ..zoo.registry import denoiser_output_tensor
+from .codes import ExportError
+from .onnx_modules import MODES, OnnxAttnProcessor, OnnxQuantLayer
+
+DEFAULT_OPSET = 17
+SIDECAR_FORMAT = "diffquant-onnx"
+POSITIONAL_NAMES = ("sample", "timestep")
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote."""
+
+    paths: list[Path]
+    #: the calibrated timesteps served by each graph (None: one graph for every timestep)
+    timesteps: list[list[int]] | None
+    sidecar: Path
+    mode: str
+    #: layer name -> why it is not on an integer operator (``integer`` mode; empty = all are)
+    not_integer: dict[str, str] = field(default_factory=dict)
+
+
+class _Denoiser(nn.Module):
+    """Calls ``model`` with positional tensors mapped back to (args, kwargs); returns a tensor."""
+
+    def __init__(self, model: nn.Module, n_args: int, kw_names: list[str], constants: dict):
+        super().__init__()
+        self.model = model
+        self.n_args = n_args
+        self.kw_names = kw_names
+        self.constants = constants
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        kwargs = dict(zip(self.kw_names, inputs[self.n_args:]))
+        kwargs.update(self.constants)
+        return denoiser_output_tensor(self.model(*inputs[: self.n_args], **kwargs))
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2
+            and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict)):
+        raise ConfigError("example_inputs must be (args, kwargs), e.g. ((x, t), {'class_labels': y})")
+    args, kwargs = example_inputs
+    if not all(isinstance(a, Tensor) for a in args):
+        raise ConfigError("positional example inputs must be tensors")
+    return tuple(args), dict(kwargs)
+
+
+def _input_names(n_args: int, kw_names: list[str]) -> list[str]:
+    return [POSITIONAL_NAMES[i] if i < len(POSITIONAL_NAMES) else f"input{i}" for i in range(n_args)] + kw_names
+
+
+def _torch_export(module: nn.Module, example_inputs, path: Path, opset: int) -> None:
+    args, kwargs = _split_inputs(example_inputs)
+    tensor_kw = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+    constants = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
+    kw_names = list(tensor_kw)
+    wrapper = _Denoiser(module, len(args), kw_names, constants).eval()
+    inputs = tuple(a.detach().cpu() for a in args) + tuple(v.detach().cpu() for v in tensor_kw.values())
+    names = _input_names(len(args), kw_names)
+    dynamic = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim() >= 1}
+    dynamic["out"] = {0: "batch"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer warnings
+        # autograd_inlining=False keeps the .onnx_ops functions as PythonOps so that their
+        # symbolics run (inlining them breaks the exporter's peephole pass)
+        torch.onnx.export(
+            wrapper, inputs, str(path), dynamo=False, opset_version=opset, input_names=names,
+            output_names=["out"], dynamic_axes=dynamic, do_constant_folding=True, autograd_inlining=False,
+        )
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def export_model_at_row(qmodel: QuantModel, row: int, mode: str) -> tuple[nn.Module, dict[str, str]]:
+    """A float32 deep copy of ``qmodel``'s denoiser with export modules fixed at ``row``."""
+    model = copy.deepcopy(qmodel.model).float().cpu().eval()
+    blockers = {}
+    for name in (lp.name for lp in qmodel.plan.layers):
+        layer = model.get_submodule(name)
+        export_layer = OnnxQuantLayer(layer, row, mode, name)
+        if export_layer.integer_blocker is not None:
+            blockers[name] = export_layer.integer_blocker
+        _set_submodule(model, name, export_layer)
+    for name in qmodel.plan.attention:
+        attn = model.get_submodule(name)
+        attn.set_processor(OnnxAttnProcessor(attn.processor, row, name))
+    return model, blockers
+
+
+def timestep_groups(qmodel: QuantModel) -> list[list[int]]:
+    """Rows of the per-timestep tables grouped by identical activation parameters (in row order)."""
+    rows = qmodel.timestep_index.num_steps
+    if rows == 1:
+        return [[0]]
+    act = [q for q in qmodel.quantizers("act").values() if q.num_steps > 1]
+    groups: dict[tuple, list[int]] = {}
+    for k in range(rows):
+        key = tuple((float(q.step[k].reshape(-1)[0]), float(q.zero_point[k].reshape(-1)[0])) for q in act)
+        groups.setdefault(key, []).append(k)
+    return list(groups.values())
+
+
+def _group_path(path: Path, j: int) -> Path:
+    return path if j == 0 else path.with_name(f"{path.stem}.g{j}{path.suffix}")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}.json")
+
+
+def export_onnx(
+    qmodel: QuantModel,
+    example_inputs,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    mode: str = "qdq",
+) -> OnnxExport:
+    """Export the quantized denoiser ``qmodel`` to ONNX at ``path`` (see module docstring).
+
+    ``example_inputs`` = (args, kwargs) of one denoiser call, e.g. ``((x, t), {"class_labels": y})``;
+    the batch dimension of every input is dynamic. ``mode``: ``qdq`` | ``integer``.
+    """
+    if not isinstance(qmodel, QuantModel):
+        raise ConfigError(f"export_onnx() needs a QuantModel, got {type(qmodel).__name__}")
+    if mode not in MODES:
+        raise ConfigError(f"unknown ONNX mode {mode!r}; choose one of {', '.join(MODES)}")
+    if opset < 13:
+        raise ConfigError(f"per-channel QuantizeLinear/DequantizeLinear need opset >= 13, got {opset}")
+    path = Path(path)
+    groups = timestep_groups(qmodel)
+    schedule = list(qmodel.timestep_index.timesteps)
+    paths, blockers = [], {}
+    for j, rows in enumerate(groups):
+        model, blockers = export_model_at_row(qmodel, rows[0], mode)
+        target = _group_path(path, j)
+        _torch_export(model, example_inputs, target, opset)
+        paths.append(target)
+    # one graph serves every timestep unless the tables hold several parameter sets
+    timesteps = None if len(groups) == 1 else [[schedule[k] for k in rows] for rows in groups]
+    args, kwargs = _split_inputs(example_inputs)
+    sidecar = sidecar_path(path)
+    sidecar.write_text(json.dumps({
+        "format": SIDECAR_FORMAT,
+        "mode": mode,
+        "opset": opset,
+        "inputs": _input_names(len(args), [k for k, v in kwargs.items() if isinstance(v, Tensor)]),
+        "graphs": [{"file": p.name, "timesteps": None if timesteps is None else timesteps[j]} for j, p in enumerate(paths)],
+        "timestep_lookup": qmodel.timestep_index.lookup,
+        "not_integer": blockers,
+    }, indent=1))
+    return OnnxExport(paths=paths, timesteps=timesteps, sidecar=sidecar, mode=mode,
+                      not_integer=blockers if mode == "integer" else {})
+
+
+def export_float_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Export a float denoiser (a QuantModel is exported with quantization switched off)."""
+    if isinstance(model, QuantModel):
+        copy_ = copy.deepcopy(model)
+        copy_.set_quant_state(weights=False, acts=False)
+        inner = copy_.model
+    else:
+        inner = copy.deepcopy(model)
+    path = Path(path)
+    _torch_export(inner.float().cpu().eval(), example_inputs, path, opset)
+    return path
+
+
+__all__ = ["DEFAULT_OPSET", "ExportError", "OnnxExport", "export_float_onnx", "export_onnx", "sidecar_path", "timestep_groups"]

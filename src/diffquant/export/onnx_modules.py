@@ -1,0 +1,241 @@
+"""Export-time stand-ins for QuantLayer and QuantAttnProcessor with fixed quantization constants.
+
+Each holds the integer weight codes of one layer and the activation parameters of one timestep
+row, and traces to ONNX quantization nodes (:mod:`.onnx_ops`):
+
+- ``qdq``: QuantizeLinear/DequantizeLinear on the input (per tensor, uint8), DequantizeLinear on
+  the int8 weight initializer (per output channel), then the float Conv/ConvTranspose/MatMul.
+  Linear layers are exported as MatMul + Add (not Gemm) so that onnxruntime fuses them into
+  MatMulIntegerToFloat.
+- ``integer``: QuantizeLinear on the input, then ConvInteger / MatMulInteger on the codes and one
+  float rescale (s_x·s_w per channel) plus the bias — integer kernels in onnxruntime for every
+  quantized Conv2d and Linear. Other kinds (ConvTranspose2d, Conv1d) use ``qdq``.
+
+Weights: the codes centred on their zero point, q − z, fit int8 (zero point 0) for every grid up
+to 7 bits and for symmetric 8-bit grids. A 4-bit grid thus becomes int8 codes in −15…15
+(asymmetric; −8…7 symmetric): a restricted subset of the int8 range, run by the runtime's int8
+kernels and stored one code per byte (dense sub-byte storage is the packed checkpoint's job).
+Activations likewise: a b-bit grid is a subset of uint8, enforced by a Clip (see :mod:`.onnx_ops`). 8-bit asymmetric weights need 9 bits there: ``qdq``
+stores q as uint8 with the per-channel zero point; ``integer`` stores q − 128 as int8 and adds
+(128 − z)·Σ(x − x_zp) over each window, from a one-channel ConvInteger with an all-ones kernel
+(MatMulInteger takes the per-column uint8 zero point directly).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.attention import QuantAttnProcessor
+from ..nn.layers import QuantLayer
+from .codes import ActCodes, ExportError, WeightCodes, act_codes, layer_weight_codes, weight_is_quantized
+from .onnx_ops import ConvInteger, DequantizeWeight, MatMulInteger, QuantizeDequantize, QuantizeToUint8
+
+MODES = ("qdq", "integer")
+INTEGER_KINDS = ("Conv2d", "Linear")
+
+
+def check_onnx_act(act: ActCodes | None, what: str) -> ActCodes | None:
+    if act is not None and not 0 <= act.zero_point <= 255:
+        raise ExportError(f"{what}: activation zero point {act.zero_point} is outside uint8 (unclamped zero point)")
+    return act
+
+
+def qdq(x: Tensor, act: ActCodes | None) -> Tensor:
+    if act is None:
+        return x
+    return QuantizeDequantize.apply(x, act.scale, act.zero_point, act.qmin, act.qmax)
+
+
+class _WeightPart(nn.Module):
+    """One weight part as integer codes: int8 centred codes, or uint8 codes + zero points."""
+
+    def __init__(self, wc: WeightCodes, transpose: bool):
+        super().__init__()
+        centered = wc.centered().to(torch.int64)
+        self.axis = wc.axis
+        self.fits_int8 = bool(centered.min() >= -128 and centered.max() <= 127) if centered.numel() else True
+        if self.fits_int8:
+            codes, zero = centered.to(torch.int8), torch.zeros(wc.channels, dtype=torch.int8)
+        else:
+            if wc.zero_point.min() < 0 or wc.zero_point.max() > 255:
+                raise ExportError("8-bit weight zero points outside uint8 cannot be exported")
+            codes, zero = wc.codes.to(torch.uint8), wc.zero_point.to(torch.uint8)
+        if transpose:  # Linear: [out, in] -> [in, out], channels on axis 1
+            codes, self.axis = codes.t(), 1
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", wc.step.float().clone())
+        self.register_buffer("zero_point", zero)
+        self.register_buffer("q_zero_point", wc.zero_point.clone())
+
+    def dequantize(self) -> Tensor:
+        return DequantizeWeight.apply(self.codes, self.scale, self.zero_point, self.axis)
+
+
+class OnnxQuantLayer(nn.Module):
+    """A QuantLayer frozen at one timestep row, exported as ``qdq`` or ``integer`` nodes."""
+
+    def __init__(self, layer: QuantLayer, row: int, mode: str, name: str = "layer"):
+        super().__init__()
+        if mode not in MODES:
+            raise ExportError(f"unknown ONNX mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.kind = layer.kind
+        self.op_args = dict(layer.op_args)
+        self.split = layer.split
+        self.act_axis = layer.act_axis
+        self.in_axis = layer.in_axis
+        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        self.register_buffer("bias", bias)
+        parts = 1 if layer.split is None else 2
+        self.acts: list[ActCodes | None] = [None] * parts
+        if layer.use_act_quant:
+            self.acts = [check_onnx_act(act_codes(q, row, f"{name} input"), f"{name} input") for q in layer.act_quantizers]
+        self.weight_parts = nn.ModuleList()
+        self.register_buffer("float_weight", None)
+        if weight_is_quantized(layer):
+            for wc in layer_weight_codes(layer, name):
+                self.weight_parts.append(_WeightPart(wc, transpose=self.kind == "Linear"))
+        else:
+            self.float_weight = layer.weight.detach().float().clone()
+        #: why this layer does not run on an integer operator (None when it does)
+        self.integer_blocker = self._integer_blocker(mode)
+        if self.integer_blocker is None:
+            self._prepare_integer()
+
+    def _integer_blocker(self, mode: str) -> str | None:
+        if mode != "integer":
+            return "qdq mode"
+        if self.kind not in INTEGER_KINDS:
+            return f"no ONNX integer operator for {self.kind}"
+        if self.float_weight is not None:
+            return "weight not quantized"
+        if any(a is None for a in self.acts):
+            return "input not quantized"
+        if self.kind == "Conv2d" and self.op_args.get("groups", 1) != 1 and not all(p.fits_int8 for p in self.weight_parts):
+            return "grouped conv with 8-bit asymmetric weights"
+        if self.kind == "Conv2d" and isinstance(self.op_args.get("padding"), str):
+            return "string padding"
+        return None
+
+    def _prepare_integer(self) -> None:
+        channel_dims = 4 if self.kind == "Conv2d" else 1
+        for part, act in zip(self.weight_parts, self.acts):
+            rescale = part.scale.double() * act.scale
+            shape = [1, -1, 1, 1] if channel_dims == 4 else [-1]
+            part.register_buffer("rescale", rescale.float().reshape(shape))
+            if self.kind == "Conv2d" and not part.fits_int8:
+                # q − 128 as int8, plus (128 − z)·Σ(x − x_zp) per window (module docstring)
+                part.codes = (part.codes.to(torch.int16) - 128).to(torch.int8)
+                part.zero_point = torch.zeros_like(part.zero_point, dtype=torch.int8)
+                part.register_buffer("correction", (128 - part.q_zero_point).to(torch.int32).reshape(1, -1, 1, 1))
+                ones = torch.ones(1, *part.codes.shape[1:], dtype=torch.int8)
+                part.register_buffer("ones", ones)
+
+    # ------------------------------------------------------------------ forward
+    def _inputs(self, x: Tensor) -> list[Tensor]:
+        if self.split is None:
+            return [x]
+        return list(torch.split(x, [self.split, x.shape[self.act_axis] - self.split], dim=self.act_axis))
+
+    def _weight(self) -> Tensor:
+        if self.float_weight is not None:
+            return self.float_weight
+        parts = [p.dequantize() for p in self.weight_parts]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=0 if self.kind == "Linear" else self.in_axis)  # Linear parts are [in, out]
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = self._inputs(x)
+        if self.integer_blocker is None:
+            return self._integer_forward(xs)
+        xs = [qdq(xp, act) for xp, act in zip(xs, self.acts)]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=self.act_axis)
+        w = self._weight()
+        if self.kind == "Linear":
+            if self.float_weight is not None:
+                w = w.t()
+            y = torch.matmul(x, w)
+            return y if self.bias is None else y + self.bias
+        if self.kind == "Conv2d":
+            return F.conv2d(x, w, self.bias, **self.op_args)
+        if self.kind == "Conv1d":
+            return F.conv1d(x, w, self.bias, **self.op_args)
+        return F.conv_transpose2d(x, w, self.bias, **self.op_args)
+
+    def _integer_forward(self, xs: list[Tensor]) -> Tensor:
+        out = None
+        for xp, part, act in zip(xs, self.weight_parts, self.acts):
+            xq = QuantizeToUint8.apply(xp, act.scale, act.zero_point, act.qmin, act.qmax)
+            if self.kind == "Linear":
+                acc = MatMulInteger.apply(xq, part.codes, act.zero_point, part.zero_point)
+            else:
+                a = self.op_args
+                conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
+                acc = ConvInteger.apply(xq, part.codes, act.zero_point, *conv)
+                if hasattr(part, "correction"):
+                    acc = acc + part.correction * ConvInteger.apply(xq, part.ones, act.zero_point, *conv)
+            y = acc.float() * part.rescale
+            out = y if out is None else out + y
+        if self.bias is not None:
+            out = out + (self.bias if self.kind == "Linear" else self.bias.reshape(1, -1, 1, 1))
+        return out
+
+
+class OnnxAttnProcessor(nn.Module):
+    """QuantAttnProcessor at one timestep row: q, k, v and the softmax output get Q/DQ pairs,
+    scores and softmax in fp32, as in :class:`~diffquant.nn.attention.QuantAttnProcessor`."""
+
+    def __init__(self, processor: QuantAttnProcessor, row: int, name: str = "attention"):
+        super().__init__()
+        quantizers = processor.quantizers()
+        use = processor.use_act_quant
+        self.acts = {k: check_onnx_act(act_codes(q, row, f"{name}.{k}"), f"{name}.{k}") if use else None
+                     for k, q in quantizers.items()}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        query = qdq(query, self.acts["q"])
+        key = qdq(key, self.acts["k"])
+        value = qdq(attn.head_to_batch_dim(value), self.acts["v"])
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = qdq(scores.softmax(dim=-1), self.acts["probs"]).to(value.dtype)
+        hidden_states = torch.matmul(probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,56 @@
+"""Helpers shared by the export tests (imported by name: tests/ has no packages)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TIMESTEPS = [999, 500, 1]
+
+
+def mixed_rules():
+    """Layer rules giving one fp-weight layer, one fp-input layer and one layer with 16-bit input."""
+    from diffquant.config import LayerRule
+
+    return [LayerRule("time_embedding.linear_1", weight_bits=16), LayerRule("conv_in", quantize_input=False),
+            LayerRule("conv_out", act_bits=16)]
+
+
+MIXED_RULE_REASONS = {"time_embedding.linear_1": "weight not quantized", "conv_in": "input not quantized",
+                      "conv_out": "input not quantized"}
+
+
+def rms(t: torch.Tensor) -> float:
+    return float(t.double().pow(2).mean().sqrt())
+
+
+def assert_matches_fake_quant(got, fake, float_out, *, rel=2e-2, share=0.25):
+    """Integer paths differ from the fake-quant model only by float rounding in the
+    accumulation, which now and then moves an activation across a rounding boundary (one code,
+    one step s) and the change propagates. So: the relative RMS difference is below ``rel`` and
+    below ``share`` of the quantization error itself (fake-quant vs float)."""
+    diff = rms(got - fake) / rms(fake)
+    quant_error = rms(fake - float_out) / rms(float_out)
+    assert diff <= rel, f"relative RMS difference {diff:.3g} > {rel}"
+    assert diff <= share * quant_error, f"difference {diff:.3g} not small against the quantization error {quant_error:.3g}"
+    return diff
+
+
+class CatNet(nn.Module):
+    """Convs, a transposed conv, a linear, and a conv fed by a channel concatenation (split)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 10, 3, padding=1)
+        self.fuse = nn.Conv2d(16, 12, 3, padding=1)
+        self.up = nn.ConvTranspose2d(12, 5, 2, stride=2)
+        self.head = nn.Linear(5, 7)
+
+    def forward(self, x, t=None):
+        h = self.fuse(torch.cat([self.a(x), torch.relu(self.b(x))], dim=1))
+        return self.head(torch.relu(self.up(h)).permute(0, 2, 3, 1))
+
+
+def catnet_inputs(seed: int = 0, batch: int = 2):
+    x = torch.randn(batch, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    return (x,), {}

@@ -1,0 +1,176 @@
+"""ONNX export: valid graphs with Q/DQ (or integer) nodes that onnxruntime runs like the fake-quant model.
+
+Tolerance (measured): on the tiny UNet the ONNX outputs match the fake-quant model to about
+4e-7 absolute unless float rounding in a different accumulation order moves an activation across a
+rounding boundary, which changes one code by one and about 1e-2 of the output; on mnist-resunet
+(W4A8) the relative RMS difference was 0.9 %, against a 9 % quantization error. The tests check
+relative RMS ≤ 2 % (3 % on mnist-resunet) and ≤ ¼ of the quantization error.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from diffquant.config import QuantConfig
+from diffquant.errors import ConfigError
+from diffquant.export.codes import ExportError
+from diffquant.export.onnx_export import export_float_onnx, export_onnx
+from diffquant.export.onnx_runtime import OnnxDenoiser, optimized_op_types
+from export_testing import MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules
+
+
+def _call(model, unet_inputs, batch=3, t=10, seed=7):
+    (x, ts), kw = unet_inputs(batch=batch, t=t, seed=seed)
+    x = x * (1 + t / 250)
+    with torch.no_grad():
+        out = model(x, ts, **kw)
+    return out if isinstance(out, torch.Tensor) else out.sample
+
+
+def _ops(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("mode, bits", [("qdq", (8, 8)), ("integer", (8, 8)), ("integer", (4, 8))])
+def test_tiny_unet_export_runs_in_onnxruntime_like_fake_quant(mode, bits, calibrated_unet, unet_inputs, tmp_path):
+    unet, qmodel = calibrated_unet(*bits)
+    result = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "unet.onnx", mode=mode)
+    assert result.paths == [tmp_path / "unet.onnx"] and result.timesteps is None
+    model = onnx.load(str(result.paths[0]))
+    onnx.checker.check_model(model, full_check=True)
+    ops = _ops(result.paths[0])
+    n_layers, n_attn = len(qmodel.plan.layers), len(qmodel.plan.attention)
+    assert ops["QuantizeLinear"] >= n_layers + 4 * n_attn  # every layer input, q/k/v/probs
+    if mode == "qdq":
+        assert ops["DequantizeLinear"] >= 2 * n_layers + 4 * n_attn
+        int8_weights = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+        assert len(int8_weights) >= n_layers  # weights are stored as 8-bit integers, not floats
+    else:
+        assert result.not_integer == {}
+        ran = optimized_op_types(result.paths[0])
+        assert ran.get("ConvInteger", 0) >= sum(lp.kind == "Conv2d" for lp in qmodel.plan.layers)
+        assert ran.get("MatMulInteger", 0) == sum(lp.kind == "Linear" for lp in qmodel.plan.layers)
+        assert "Conv" not in ran and "Gemm" not in ran  # no float conv / linear left
+    denoiser = OnnxDenoiser(result.paths[0], threads=1)
+    got = _call(denoiser, unet_inputs)  # batch 3: the batch dimension is dynamic
+    assert got.shape == (3, 3, 8, 8)
+    assert_matches_fake_quant(got, _call(qmodel, unet_inputs), _call(unet, unet_inputs))
+
+
+def test_sub_8_bit_grids_are_restricted_subsets_of_int8(calibrated_unet, unet_inputs, tmp_path):
+    """W4A6: weight codes centred on their zero point lie in [-15, 15]; 6-bit inputs get a Clip
+    to their 64-level range in front of the uint8 QuantizeLinear."""
+    unet, qmodel = calibrated_unet(4, 6)
+    path = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "w4a6.onnx").paths[0]
+    model = onnx.load(str(path))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights and all(w.min() >= -15 and w.max() <= 15 for w in weights)
+    assert _ops(path)["Clip"] >= len(qmodel.plan.layers)
+    assert_matches_fake_quant(_call(OnnxDenoiser(path, threads=1), unet_inputs), _call(qmodel, unet_inputs),
+                              _call(unet, unet_inputs))
+
+
+def test_one_graph_per_timestep_group(calibrated_unet, unet_inputs, tmp_path):
+    steps = [TIMESTEPS[0], TIMESTEPS[-1]]  # two groups keep the test short
+    unet, qmodel = calibrated_unet(4, 8, timesteps=steps)
+    result = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "steps.onnx", mode="integer")
+    assert [p.name for p in result.paths] == ["steps.onnx", "steps.g1.onnx"]
+    assert result.timesteps == [[999], [1]]
+    index = json.loads(result.sidecar.read_text())
+    assert [g["timesteps"] for g in index["graphs"]] == [[999], [1]]
+    denoiser = OnnxDenoiser(result.paths[0], threads=1)
+    assert [denoiser.session_for(torch.tensor([t, t])) for t in steps] == [0, 1]
+    outs = []
+    for t in steps:
+        got = _call(denoiser, unet_inputs, t=t)
+        assert_matches_fake_quant(got, _call(qmodel, unet_inputs, t=t), _call(unet, unet_inputs, t=t))
+        outs.append(got)
+    # the graphs really differ: the t=1 input through the t=999 graph gives another answer
+    session = denoiser.sessions[0]
+    wrong = session.run(None, {i.name: v for i, v in zip(session.get_inputs(), _feeds(unet_inputs, 1))})[0]
+    assert not np.allclose(wrong, outs[1].numpy(), atol=1e-4)
+
+
+def _feeds(unet_inputs, t):
+    (x, ts), kw = unet_inputs(batch=3, t=t, seed=7)
+    return [(x * (1 + t / 250)).numpy(), ts.numpy(), kw["class_labels"].numpy()]
+
+
+def test_catnet_transposed_conv_split_and_linear(calibrated_catnet, tmp_path):
+    net, qmodel = calibrated_catnet(weight_bits=8, act_bits=8)
+    (x,), _ = catnet_inputs(9, batch=4)
+    for mode in ("qdq", "integer"):
+        result = export_onnx(qmodel, catnet_inputs(), tmp_path / f"cat_{mode}.onnx", mode=mode)
+        onnx.checker.check_model(onnx.load(str(result.paths[0])), full_check=True)
+        got = OnnxDenoiser(result.paths[0], threads=1)(x)
+        with torch.no_grad():
+            assert_matches_fake_quant(got, qmodel(x), net(x))
+    assert result.not_integer == {"up": "no ONNX integer operator for ConvTranspose2d"}
+
+
+def test_layers_left_in_float_by_rules(calibrated_unet, unet_inputs, tmp_path):
+    """Float weights / float inputs export as plain float operands; integer mode says which layers."""
+    unet, qmodel = calibrated_unet(4, 8, rules=mixed_rules())
+    result = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "rules.onnx", mode="integer")
+    assert result.not_integer == MIXED_RULE_REASONS
+    got = _call(OnnxDenoiser(result.paths[0], threads=1), unet_inputs)
+    assert_matches_fake_quant(got, _call(qmodel, unet_inputs), _call(unet, unet_inputs))
+
+
+def test_float_export_matches_the_float_model(calibrated_unet, unet_inputs, tmp_path):
+    unet, qmodel = calibrated_unet(8, 8)
+    expected = _call(unet, unet_inputs)
+    for source in (unet, qmodel):  # a QuantModel is exported with quantization off
+        path = export_float_onnx(source, unet_inputs(batch=2), tmp_path / "float.onnx")
+        assert "QuantizeLinear" not in _ops(path)
+        torch.testing.assert_close(_call(OnnxDenoiser(path, threads=1), unet_inputs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_inexpressible_models_give_clear_errors(calibrated_unet, make_unet, unet_inputs, tmp_path):
+    _, qmodel = calibrated_unet(8, 8)
+    with pytest.raises(ConfigError, match="QuantModel"):
+        export_onnx(make_unet(), unet_inputs(batch=2), tmp_path / "a.onnx")
+    with pytest.raises(ConfigError, match="opset"):
+        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "a.onnx", opset=11)
+    with pytest.raises(ConfigError, match="mode"):
+        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "a.onnx", mode="fp8")
+    with pytest.raises(ConfigError, match="example_inputs"):
+        export_onnx(qmodel, (torch.zeros(1),), tmp_path / "a.onnx")
+    _, learned = calibrated_unet(8, 8)
+    q = next(iter(learned.quantizers("act").values()))
+    q.zero_point.data += 0.25  # a real-valued (learned) zero point has no integer code
+    with pytest.raises(ExportError, match="real-valued activation zero point"):
+        export_onnx(learned, unet_inputs(batch=2), tmp_path / "b.onnx")
+
+
+@pytest.mark.slow
+def test_mnist_resunet_export(tmp_path):
+    from diffquant.errors import DiffquantError
+    from diffquant.methods.naive import run_naive
+    from diffquant.model import quantize
+    from diffquant.zoo.registry import load_model
+
+    try:
+        bundle = load_model("mnist-resunet")
+    except DiffquantError as exc:
+        pytest.skip(f"mnist-resunet assets not available: {exc}")
+    example = bundle.example_inputs(4)
+    qmodel = quantize(bundle.unet, QuantConfig(weight_bits=4, act_bits=8, split=True), example_inputs=example)
+    gen = torch.Generator().manual_seed(1)
+    run_naive(qmodel, lambda m: [m(torch.randn(4, 1, 28, 28, generator=gen), torch.full((4,), t)) for t in (900, 500, 50)])
+    (x, t), _ = example
+    with torch.no_grad():
+        fake, float_out = qmodel(x, t), bundle.unet(x, t)
+    for mode in ("qdq", "integer"):
+        result = export_onnx(qmodel, example, tmp_path / f"resunet_{mode}.onnx", mode=mode)
+        onnx.checker.check_model(onnx.load(str(result.paths[0])), full_check=True)
+        got = OnnxDenoiser(result.paths[0], threads=1)(x, t)
+        assert_matches_fake_quant(got, fake, float_out, rel=3e-2)
