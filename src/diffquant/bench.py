@@ -229,7 +229,8 @@ def _plots(rows: list[dict], curves: dict, out: Path) -> None:
         ax.axhline(fp[0], color="k", ls="--", label="fp32")
     ax.set_ylabel("FID")
     ax.set_xlabel("bit setting")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "fid_vs_bits.png", dpi=120)
     plt.close(fig)
