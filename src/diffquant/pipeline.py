@@ -43,7 +43,10 @@ class QuantizeResult:
 
 
 def default_guidance(bundle) -> float:
-    return 2.0 if bundle.is_conditional else 1.0
+    """The model card's recommended guidance scale, else 1.5 for class-conditional models."""
+    if not bundle.is_conditional:
+        return 1.0
+    return float(bundle.extra.get("guidance", 1.5))
 
 
 def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None, select=None, capture_options=None):

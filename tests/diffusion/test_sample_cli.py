@@ -11,14 +11,6 @@ from diffquant.diffusion.sample_cli import add_sample_parser
 from diffquant.errors import DiffquantError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def parse(argv):
     parser = argparse.ArgumentParser(prog="diffquant")
     add_sample_parser(parser.add_subparsers(dest="command"))

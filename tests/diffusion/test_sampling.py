@@ -12,14 +12,6 @@ from diffquant.errors import ConfigError, DiffquantError
 from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_bundle(num_class_embeds=None, **config) -> DiffusionBundle:
     from diffusers import UNet2DModel
 

@@ -15,14 +15,6 @@ needs_resunet = pytest.mark.skipif(RESUNET is None or not RESUNET.is_file(), rea
 needs_convunet = pytest.mark.skipif(CONVUNET is None or not CONVUNET.is_file(), reason="mnist-convunet asset absent")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _key_list(path):
     rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
     return {name: tuple(int(d) for d in shape.strip("()").split(",") if d.strip()) for name, shape, _ in rows}

@@ -13,14 +13,6 @@ from diffquant.zoo.registry import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(num_class_embeds=None):
     from diffusers import UNet2DModel
 

@@ -46,7 +46,7 @@ from ..recon.fbr import FBR_EXCLUDES, FBRPass
 from ..recon.progress import ReconProgress
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
 from .qdiffusion import _fingerprint, _fit, _loop
-from .stages import ForwardLoop, init_weight_quantizers, observe_activations
+from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations
 
 log = logging.getLogger("diffquant.methods")
 
@@ -422,15 +422,7 @@ def run_edadm(
             records += reconstruct(qmodel, units, data, recon_pass, fp_model=fp_model, options=options,
                                    progress=checkpoints)
 
-    qmodel.set_quant_state(weights=quant.quantize_weights, acts=quant.quantize_acts)
-    qmodel.recipe = config.recipe_name
-    qmodel.recipe_config = config
-    qmodel.recon_records = [r.to_dict() for r in records]
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        (Path(work_dir) / "records.json").write_text(json.dumps(qmodel.recon_records, indent=1))
-    qmodel.eval()
-    return qmodel
+    return finish_recipe(qmodel, config.recipe_name, config, quant, records, work_dir)
 
 
 __all__ = [

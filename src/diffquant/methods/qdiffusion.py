@@ -42,7 +42,7 @@ from ..recon.engine import EngineOptions, UnitRecord, reconstruct
 from ..recon.passes import AdaRoundPass, LSQPass
 from ..recon.progress import ReconProgress, fingerprint_of
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .stages import ForwardLoop, init_weight_quantizers, observe_activations
+from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations
 
 CALIB_POLICIES = ("uniform_interval", "first_n", "middle_n", "last_n", "single_t")
 PASSES = ["weights", "acts"]
@@ -359,15 +359,7 @@ def run_qdiffusion(
             records += reconstruct(qmodel, units, data, act_pass, fp_model=fp_model, options=options,
                                    progress=checkpoints)
 
-    qmodel.set_quant_state(weights=quant.quantize_weights, acts=quant.quantize_acts)
-    qmodel.recipe = config.recipe_name
-    qmodel.recipe_config = config
-    qmodel.recon_records = [r.to_dict() for r in records]
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        (Path(work_dir) / "records.json").write_text(json.dumps(qmodel.recon_records, indent=1))
-    qmodel.eval()
-    return qmodel
+    return finish_recipe(qmodel, config.recipe_name, config, quant, records, work_dir)
 
 
 __all__ = [

@@ -1,6 +1,8 @@
 """Calibration stages shared by recipes (a recipe is a composition of these)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -44,3 +46,16 @@ def observe_activations(qmodel: QuantModel, forward_loop: ForwardLoop, *, weight
         # a quantizer the calibration data never reached (e.g. an unused layer): keep it FP
         for name in missing:
             qmodel.quantizers("act")[name].enabled = False
+
+
+def finish_recipe(qmodel: QuantModel, name: str, config, quant, records: list, work_dir=None) -> QuantModel:
+    """Common end of a reconstruction recipe: final switches, provenance, per-unit records."""
+    qmodel.set_quant_state(weights=quant.quantize_weights, acts=quant.quantize_acts)
+    qmodel.recipe = name
+    qmodel.recipe_config = config
+    qmodel.recon_records = [r.to_dict() for r in records]
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        (Path(work_dir) / "records.json").write_text(json.dumps(qmodel.recon_records, indent=1))
+    qmodel.eval()
+    return qmodel

@@ -186,7 +186,11 @@ def _load_bundled_default(assets: str | os.PathLike | None, device: str | torch.
         raise DiffquantError(
             f"the bundled default model is missing: expected a diffusers folder at {folder}"
         )
-    return load_diffusers_folder(folder, device=device, name=BUNDLED_DEFAULT)
+    bundle = load_diffusers_folder(folder, device=device, name=BUNDLED_DEFAULT)
+    meta = folder / "diffquant_model.json"
+    if meta.is_file():  # class names, recommended guidance, training provenance
+        bundle.extra.update(_read_json(meta))
+    return bundle
 
 
 MODELS: Mapping[str, Callable[[str | os.PathLike | None, str | torch.device], DiffusionBundle]] = (
