@@ -140,7 +140,8 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
              "calib_s": 0.0, "sample_s": round(fp_sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
              "size_mb": round(float_size_mb(bundle.unet), 3)}]
     curves = {}
-    grids = [fp.images[:10]]
+    per_row = min(10, cfg.n)
+    grids = [fp.images[:per_row]]
     for recipe in cfg.recipes:
         for tag, wbits, abits in parsed:
             print(f"[bench] {recipe} {tag}: calibrating")
@@ -158,7 +159,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
                    "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                    "size_mb": round(model_size_mb(res.qmodel), 3)}
             rows.append(row)
-            grids.append(qs.images[:10])
+            grids.append(qs.images[:per_row])
     results = {
         "model": bundle.name,
         "protocol": {"n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta,
@@ -178,7 +179,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{table}\n\n"
         f"Command: `{results['command']}`\n"
     )
-    save_grid(out / "comparison.png", np.concatenate(grids), nrow=10)
+    save_grid(out / "comparison.png", np.concatenate(grids), nrow=per_row)
     _plots(rows, curves, out)
     print(table)
     return results

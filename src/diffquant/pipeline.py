@@ -184,7 +184,8 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     fp = sample(bundle, n, **sample_kw)
     save_samples(fp, out_dir / "fp")
     rows = [{"setting": "FP32", "recipe": "-", **_quality(fp, bundle, fid, device, assets)}]
-    grids = [fp.images[:10]]
+    per_row = min(10, n)
+    grids = [fp.images[:per_row]]
     calib = CalibConfig(steps=steps)
     for tag, wbits, abits in parsed:
         print(f"[diffquant] {tag}: calibrating ({recipe})")
@@ -200,8 +201,8 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
         row["psnr_vs_fp"] = fidelity["psnr"]
         row["calib_s"] = round(res.seconds, 1)
         rows.append(row)
-        grids.append(qs.images[:10])
-    grid_path = save_grid(out_dir / "comparison.png", np.concatenate(grids), nrow=10)
+        grids.append(qs.images[:per_row])
+    grid_path = save_grid(out_dir / "comparison.png", np.concatenate(grids), nrow=per_row)
     results = {"model": bundle.name, "protocol": {"n": n, **{k: v for k, v in sample_kw.items() if k != "device"}},
                "rows": rows, "grid": str(grid_path)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
