@@ -149,6 +149,17 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
     qmodel.recipe_config = manifest.get("recipe_config", {})
     qmodel.timestep_index.lookup = manifest.get("timestep_index", {}).get("lookup", config.timestep_lookup)
 
+    _apply_state(qmodel, manifest, tensors, path)
+    qmodel.eval()
+    if device is not None:
+        qmodel.to(device)
+    return qmodel
+
+
+def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Restore quantizer attributes, layer switches, rounding modules and tensors (strict)."""
+    from ..nn.layers import attach_adaround
+
     quantizers = qmodel.quantizers()
     for name, desc in manifest["quantizers"].items():
         q = quantizers.get(name)
@@ -161,9 +172,9 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
         layer.use_weight_quant = state["use_weight_quant"]
         layer.use_act_quant = state["use_act_quant"]
         if state.get("adaround"):
-            from ..nn.layers import attach_adaround
-
-            attach_adaround(layer, modes=state["adaround"])
+            attach_adaround(layer, modes=state["adaround"]).requires_grad_(False)
+        elif layer.adaround is not None:
+            layer.adaround = None
     for name, state in manifest.get("attention", {}).items():
         qmodel.attention_processors()[name].use_act_quant = state["use_act_quant"]
 
@@ -178,10 +189,18 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
             raise CheckpointError(
                 f"{key}: saved shape {tuple(value.shape)} differs from the model's {tuple(expected[key].shape)}"
             )
-    qmodel.load_state_dict(tensors, strict=False)
-    qmodel.eval()
-    if device is not None:
-        qmodel.to(device)
+    device = next(iter(expected.values())).device if expected else None
+    qmodel.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
+    qmodel.clear_weight_cache()
+
+
+def restore_into(qmodel: QuantModel, path: str | Path) -> QuantModel:
+    """Load a saved quantizer state into an already wrapped ``qmodel`` with the same plan (in place)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["plan"] != json.loads(json.dumps(qmodel.plan.to_dict())):
+        raise CheckpointError(f"{path}: the saved wrap plan differs from this model's")
+    _apply_state(qmodel, manifest, _read_tensors(path / STATE_FILE), path)
     return qmodel
 
 

@@ -20,20 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from ..config import to_dict
 from ..errors import CheckpointError
-from ..model.checkpoint import STATE_FILE, read_manifest, save
+from ..model.checkpoint import restore_into, save
 from ..model.qmodel import QuantModel
-from ..nn.layers import attach_adaround
 
 PROGRESS_DIR = "progress"
 PROGRESS_FILE = "progress.json"
 FORMAT = "diffquant-recon-progress"
 FORMAT_VERSION = 1
 #: quantizer attributes kept in the manifest rather than in tensors
-_QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
 
 
 def fingerprint_of(settings: Any) -> str:
@@ -48,40 +45,6 @@ def _encode_rng(state: torch.Tensor) -> str:
 
 def _decode_rng(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def restore_into(qmodel: QuantModel, path: str | Path) -> None:
-    """Load a saved quantizer state into an already wrapped ``qmodel`` of the same plan (in place)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest["plan"] != json.loads(json.dumps(qmodel.plan.to_dict())):
-        raise CheckpointError(f"{path}: the saved wrap plan differs from this model's")
-    tensors = load_file(str(path / STATE_FILE))
-    quantizers = qmodel.quantizers()
-    for name, desc in manifest["quantizers"].items():
-        if name not in quantizers:
-            raise CheckpointError(f"{path}: quantizer {name} does not exist in this model")
-        for attr in _QUANTIZER_ATTRS:
-            if attr in desc:
-                setattr(quantizers[name], attr, desc[attr])
-    layers = qmodel.layers()
-    for name, state in manifest["layers"].items():
-        layer = layers[name]
-        layer.use_weight_quant = state["use_weight_quant"]
-        layer.use_act_quant = state["use_act_quant"]
-        if state.get("adaround"):
-            attach_adaround(layer, modes=state["adaround"]).requires_grad_(False)
-        elif layer.adaround is not None:
-            layer.adaround = None
-    for name, state in manifest.get("attention", {}).items():
-        qmodel.attention_processors()[name].use_act_quant = state["use_act_quant"]
-    expected = qmodel.quant_state_dict()
-    if set(expected) != set(tensors):
-        diff = sorted(set(expected) ^ set(tensors))
-        raise CheckpointError(f"{path / STATE_FILE} does not match this model: {diff[:3]}")
-    device = next(iter(expected.values())).device
-    qmodel.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
-    qmodel.clear_weight_cache()
 
 
 class ReconProgress:
