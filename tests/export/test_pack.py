@@ -107,8 +107,19 @@ def test_soft_adaround_and_real_zero_points_are_refused(calibrated_catnet):
 
 def test_unknown_recipe_state_is_refused(calibrated_catnet):
     _, qmodel = calibrated_catnet()
-    qmodel.layers()["a"].register_buffer("input_scale", torch.ones(3))
-    with pytest.raises(ExportError, match="input_scale"):
+    from diffquant.nn.layers import attach_lora
+
+    attach_lora(qmodel.layers()["a"], rank=1)
+    with pytest.raises(ExportError, match="lora"):
+        freeze(qmodel)
+
+
+def test_unfolded_input_scale_is_refused(calibrated_catnet):
+    from diffquant.nn.layers import attach_input_scale
+
+    _, qmodel = calibrated_catnet()
+    attach_input_scale(qmodel.layers()["a"])
+    with pytest.raises(ExportError, match="fold"):
         freeze(qmodel)
 
 

@@ -239,3 +239,36 @@ def test_layer_with_float_weights_and_quantized_input_round_trips(tmp_path):
     with torch.no_grad():
         after = dq.load(unet, tmp_path / "q")(x, t).sample
     assert torch.equal(before, after)
+
+
+def test_round_trip_with_recipe_extensions(calibrated, make_unet, unet_inputs, tmp_path):
+    """τ, LoRA, mixed-bit and PTS quantizers are rebuilt from the manifest and restored exactly."""
+    from diffquant.nn.layers import attach_input_scale, attach_lora
+    from diffquant.quant.variants import MixedBitQuantizer, PTSQuantizer, replace_module
+
+    qmodel = calibrated(4, 8)
+    layers = list(qmodel.layers().items())
+    (n1, l1), (n2, l2) = layers[1], layers[2]
+    attach_input_scale(l1, torch.linspace(0.5, 2.0, l1.in_channels))
+    with torch.no_grad():
+        attach_lora(l2, rank=2).lora_B.normal_(std=1e-3)
+    mixed = MixedBitQuantizer.from_quantizer(l2.weight_quantizers[0])
+    bits = torch.full((mixed.channels,), 4)
+    bits[0], bits[-1] = 5, 3
+    mixed.set_channel_bits(bits)
+    mixed.init_from(l2.weight_parts()[0])
+    replace_module(qmodel.model, f"{n2}.weight_quantizers.0", mixed)
+    pts = PTSQuantizer.from_quantizer(l1.act_quantizers[0], 1, l1.in_channels)
+    pts.multiplier[0, 0] = 0.25
+    replace_module(qmodel.model, f"{n1}.act_quantizers.0", pts)
+    l1.weight_quantizers[0].init_from(l1.weight_parts()[0])
+    expected = out(qmodel, unet_inputs=unet_inputs)
+    save(qmodel, tmp_path / "ext")
+    manifest = read_manifest(tmp_path / "ext")
+    assert manifest["layers"][n1]["input_scale"] and manifest["layers"][n2]["lora_rank"] == 2
+    loaded = load(make_unet(), tmp_path / "ext")
+    got = loaded.layers()
+    assert isinstance(got[n2].weight_quantizers[0], MixedBitQuantizer)
+    assert torch.equal(got[n2].weight_quantizers[0].channel_bits, mixed.channel_bits)
+    assert isinstance(got[n1].act_quantizers[0], PTSQuantizer)
+    assert torch.equal(out(loaded, unet_inputs=unet_inputs), expected)

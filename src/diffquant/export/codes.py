@@ -133,6 +133,11 @@ def layer_weight_codes(layer, name: str = "layer") -> list[WeightCodes]:
     """Codes of each weight part of a QuantLayer (one, or two for a split layer)."""
     if not weight_is_quantized(layer):
         raise ExportError(f"{name}: its weight is not quantized")
+    if getattr(layer, "input_scale", None) is not None:
+        raise ExportError(
+            f"{name}: has a learned input-channel scale τ (DMQ LES / SmoothQuant); fold it first "
+            "(diffquant.export.fold_input_scales) — an unfolded x/τ has no place in this format"
+        )
     w = layer.effective_weight().detach()
     if layer.split is None:
         parts = [w]
@@ -191,6 +196,12 @@ def act_codes(quantizer, row: int, what: str = "activation") -> ActCodes | None:
         return None
     if quantizer.channel_axis is not None:
         raise ExportError(f"{what}: per-channel activation quantizers cannot be exported")
+    multiplier = getattr(quantizer, "multiplier", None)
+    if multiplier is not None and not bool(torch.all(multiplier[row] == 1)):
+        raise ExportError(
+            f"{what}: per-channel power-of-two step factors (DMQ PTS) are not expressible as one "
+            "per-tensor QuantizeLinear; export without PTS"
+        )
     if not bool(quantizer.initialized[row]):
         raise ExportError(f"{what}: activation quantizer row {row} was never calibrated")
     spec = quantizer.spec

@@ -64,6 +64,8 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
                 "use_weight_quant": layer.use_weight_quant,
                 "use_act_quant": layer.use_act_quant,
                 "adaround": None if layer.adaround is None else [r.mode for r in layer.adaround],
+                "input_scale": layer.input_scale is not None,
+                "lora_rank": None if layer.weight_delta is None else layer.weight_delta.rank,
             }
             for name, layer in qmodel.layers().items()
         },
@@ -158,14 +160,21 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
 
 def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Restore quantizer attributes, layer switches, rounding modules and tensors (strict)."""
-    from ..nn.layers import attach_adaround
+    from ..nn.layers import attach_adaround, attach_input_scale, attach_lora
+    from ..quant.variants import rebuild_quantizer, replace_module
 
     quantizers = qmodel.quantizers()
     for name, desc in manifest["quantizers"].items():
         q = quantizers.get(name)
         if q is None:
             raise CheckpointError(f"checkpoint quantizer {name} does not exist in the rebuilt model")
-        _restore_quantizer(q, desc)
+        try:
+            new = rebuild_quantizer(desc, q)
+        except (KeyError, DiffquantError) as exc:
+            raise CheckpointError(f"checkpoint quantizer {name}: {exc}") from None
+        if new is not q:
+            replace_module(qmodel.model, name, new)
+        _restore_quantizer(new, desc)
     layers = qmodel.layers()
     for name, state in manifest["layers"].items():
         layer = layers[name]
@@ -175,6 +184,15 @@ def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Te
             attach_adaround(layer, modes=state["adaround"]).requires_grad_(False)
         elif layer.adaround is not None:
             layer.adaround = None
+        if state.get("input_scale") and layer.input_scale is None:
+            attach_input_scale(layer)
+        elif not state.get("input_scale"):
+            layer.input_scale = None
+        rank = state.get("lora_rank")
+        if rank and (layer.weight_delta is None or layer.weight_delta.rank != rank):
+            attach_lora(layer, int(rank))
+        elif not rank:
+            layer.weight_delta = None
     for name, state in manifest.get("attention", {}).items():
         qmodel.attention_processors()[name].use_act_quant = state["use_act_quant"]
 

@@ -159,6 +159,11 @@ class QuantLayer(nn.Module):
         self.act_quantizers = nn.ModuleList(act_spec.build(None, 1) for _ in range(parts))
         #: optional learned rounding per weight part (AdaRound), attached by a recipe
         self.adaround: nn.ModuleList | None = None
+        #: optional per-input-channel equivalent scale τ (DMQ's LES, MPQ-DM's SmoothQuant):
+        #: the layer computes Q(x/τ)·Q(W·τ); attached by :func:`attach_input_scale`
+        self.input_scale: nn.Parameter | None = None
+        #: optional low-rank weight update (QALoRA): W' = W + ΔW before scaling and quantizing
+        self.weight_delta: nn.Module | None = None
         self.use_weight_quant = True
         self.use_act_quant = True
         self._cache_key: tuple | None = None
@@ -167,14 +172,37 @@ class QuantLayer(nn.Module):
         self._cache_qparams: list[Tensor] = []
 
     # ------------------------------------------------------------------ weight side
-    def weight_parts(self) -> list[Tensor]:
+    def base_weight(self) -> Tensor:
+        """The float weight the quantizers see: (W + ΔW)·τ, or W itself without extensions."""
         w = self.weight
+        if self.weight_delta is not None:
+            w = w + self.weight_delta()
+        if self.input_scale is not None:
+            shape = [1] * w.dim()
+            shape[self.in_axis] = -1
+            w = w * self.input_scale.reshape(shape)
+        return w
+
+    def scale_input(self, x: Tensor) -> Tensor:
+        """x/τ along the activation's channel axis (identity without τ)."""
+        if self.input_scale is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.act_axis] = -1
+        return x / self.input_scale.reshape(shape).to(x.dtype)
+
+    def weight_parts(self) -> list[Tensor]:
+        w = self.base_weight()
         if self.split is None:
             return [w]
         return list(torch.split(w, [self.split, w.shape[self.in_axis] - self.split], dim=self.in_axis))
 
     def _dependencies(self) -> list[Tensor]:
         deps = [self.weight]
+        if self.input_scale is not None:
+            deps.append(self.input_scale)
+        if self.weight_delta is not None:
+            deps += list(self.weight_delta.parameters())
         for q in self.weight_quantizers:
             deps += [q.step, q.zero_point]
         if self.adaround is not None:
@@ -206,7 +234,7 @@ class QuantLayer(nn.Module):
         """The (fake-quantized) weight used by forward; cached while nothing is learned."""
         if not self.use_weight_quant or not any(q.active for q in self.weight_quantizers):
             # nothing to quantize (and caching the Parameter itself would register it)
-            return self.weight
+            return self.base_weight()
         deps = self._dependencies()
         learning = torch.is_grad_enabled() and any(t.requires_grad for t in deps)
         if learning or any(q.mode == "observe" for q in self.weight_quantizers):
@@ -238,7 +266,7 @@ class QuantLayer(nn.Module):
         return torch.cat([quantize_activation(q1, x1), quantize_activation(q2, x2)], dim=self.act_axis)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.quantize_input(x)
+        x = self.quantize_input(self.scale_input(x))
         w = self.effective_weight()
         if self.kind == "Linear":
             return F.linear(x, w, self.bias)
@@ -254,7 +282,8 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         split = f", split={self.split}" if self.split is not None else ""
-        return f"{self.kind}, weight={tuple(self.weight.shape)}{split}"
+        tau = ", input_scale" if self.input_scale is not None else ""
+        return f"{self.kind}, weight={tuple(self.weight.shape)}{split}{tau}"
 
 
 def attach_adaround(layer: QuantLayer, modes: list[str] | None = None) -> nn.ModuleList:
@@ -268,3 +297,27 @@ def attach_adaround(layer: QuantLayer, modes: list[str] | None = None) -> nn.Mod
             module.mode = mode
     layer.clear_cache()
     return layer.adaround
+
+
+def attach_input_scale(layer: QuantLayer, init: Tensor | None = None) -> nn.Parameter:
+    """Give ``layer`` a per-input-channel scale τ (ones unless ``init``); the layer then computes
+    Q(x/τ)·Q(W·τ), which equals the float layer for any τ when quantization is off."""
+    if layer.op_args.get("groups", 1) != 1:
+        raise ConfigError("an input-channel scale needs groups=1")
+    device = layer.weight.device
+    tau = torch.ones(layer.in_channels, device=device) if init is None else init.detach().reshape(-1).to(device).float().clone()
+    if tau.numel() != layer.in_channels:
+        raise ConfigError(f"input scale needs {layer.in_channels} values, got {tau.numel()}")
+    layer.input_scale = nn.Parameter(tau, requires_grad=False)
+    layer.clear_cache()
+    return layer.input_scale
+
+
+def attach_lora(layer: QuantLayer, rank: int) -> nn.Module:
+    """Give ``layer`` a low-rank weight update ΔW = B·A with B = 0 (so the layer is unchanged)."""
+    from .lora import LoRADelta
+
+    layer.weight_delta = LoRADelta(tuple(layer.weight.shape), rank, device=layer.weight.device)
+    layer.weight_delta.requires_grad_(False)
+    layer.clear_cache()
+    return layer.weight_delta
