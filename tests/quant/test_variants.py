@@ -68,3 +68,14 @@ def test_rebuild_from_description():
     assert isinstance(rebuild_quantizer({"class": "MixedBitQuantizer"}, wq), MixedBitQuantizer)
     with pytest.raises(ConfigError):
         rebuild_quantizer({"class": "Nope"}, wq)
+
+
+def test_pts_input_divisor_equals_quantizing_scaled_input():
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 5.0, 0.2]).reshape(1, 3, 1, 1)
+    tau = torch.tensor([0.5, 4.0, 0.25])
+    base = UniformQuantizer(6, init="minmax")
+    base.init_from(x / tau.reshape(1, 3, 1, 1))
+    pts = PTSQuantizer.from_quantizer(base, pts_axis=1, pts_channels=3)
+    pts.input_divisor.copy_(tau)
+    assert torch.allclose(pts(x), base(x / tau.reshape(1, 3, 1, 1)), atol=1e-6)

@@ -197,6 +197,9 @@ def act_codes(quantizer, row: int, what: str = "activation") -> ActCodes | None:
     if quantizer.channel_axis is not None:
         raise ExportError(f"{what}: per-channel activation quantizers cannot be exported")
     multiplier = getattr(quantizer, "multiplier", None)
+    divisor = getattr(quantizer, "input_divisor", None)
+    if divisor is not None and not bool(torch.all(divisor == 1)):
+        raise ExportError(f"{what}: a folded input scale τ on the activation quantizer is not supported by this export path")
     if multiplier is not None and not bool(torch.all(multiplier[row] == 1)):
         raise ExportError(
             f"{what}: per-channel power-of-two step factors (DMQ PTS) are not expressible as one "

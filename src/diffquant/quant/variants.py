@@ -122,10 +122,13 @@ class MixedBitQuantizer(UniformQuantizer):
 
 
 class PTSQuantizer(UniformQuantizer):
-    """Per-tensor activation quantizer with per-channel power-of-two step multipliers (DMQ PTS).
+    """Per-tensor activation quantizer with per-channel power-of-two step multipliers (DMQ PTS)
+    and an optional folded input divisor (DMQ's LES τ in deployment form).
 
-    Effective step of channel c in row k: step[k] · multiplier[k, c]; the zero point is shared.
-    ``pts_axis`` is the activation's channel axis (1 for conv inputs, −1 for linear inputs).
+    Codes of channel c in row k: q = clamp(⌊x / (s_k·m_kc·τ_c)⌉ + z_k); output s_k·m_kc·(q − z_k).
+    With τ = 1 this is PTS alone; with m = 1 it equals Q(x/τ; s, z) of a layer whose τ has been
+    folded into its stored weight (W·τ) — the paper's deployment form. ``pts_axis`` is the
+    activation's channel axis (1 for conv inputs, −1 for linear inputs).
     """
 
     def __init__(self, bits: int, pts_axis: int, pts_channels: int, **kwargs):
@@ -135,6 +138,7 @@ class PTSQuantizer(UniformQuantizer):
         self.pts_axis = int(pts_axis)
         self.pts_channels = int(pts_channels)
         self.register_buffer("multiplier", torch.ones(self.num_steps, self.pts_channels))
+        self.register_buffer("input_divisor", torch.ones(self.pts_channels))
 
     @classmethod
     def from_quantizer(cls, q: UniformQuantizer, pts_axis: int, pts_channels: int) -> "PTSQuantizer":
@@ -156,7 +160,8 @@ class PTSQuantizer(UniformQuantizer):
         s = self.channel_steps(x.dim(), k).to(x.dtype)
         z = self.zero_point[k].reshape(()).to(x.dtype)
         spec = self.spec
-        q = torch.clamp(round_ste(x / s) + z, spec.qmin, spec.qmax)
+        divisor = self.input_divisor.reshape(broadcast_shape(x.dim(), self.pts_axis, self.pts_channels)).to(x.dtype)
+        q = torch.clamp(round_ste(x / (s * divisor)) + z, spec.qmin, spec.qmax)
         return (q - z) * s
 
     def describe(self) -> dict:
