@@ -164,6 +164,29 @@ def test_packed_file_reproduces_the_quantized_model_exactly(bits, calibrated_une
     assert not torch.equal(expected, _outputs(make_unet(), unet_inputs))
 
 
+def test_mixed_bit_quantizers_pack_by_group_and_reload_exactly(calibrated_unet, make_unet, unet_inputs, tmp_path):
+    """MPQ-DM's OMQ layers (2/3/4-bit channels around a nominal 3) pack one stream per group."""
+    from diffquant.quant.variants import MixedBitQuantizer, replace_module
+
+    _, qmodel = calibrated_unet(3, 8)
+    mixed_layers = []
+    for name, layer in list(qmodel.layers().items())[1:4]:
+        q = MixedBitQuantizer.from_quantizer(layer.weight_quantizers[0])
+        bits = torch.full((q.channels,), 3)
+        bits[: q.channels // 4], bits[q.channels - q.channels // 4:] = 4, 2
+        q.set_channel_bits(bits)
+        q.init_from(layer.weight_parts()[0])
+        replace_module(qmodel.model, f"{name}.weight_quantizers.0", q)
+        layer.clear_cache()
+        mixed_layers.append(name)
+    expected = _outputs(qmodel, unet_inputs)
+    packed = freeze(qmodel)
+    part = packed.manifest["layers"][mixed_layers[0]]["parts"][0]
+    assert sorted(int(b) for b in unpack_weight_codes(part, packed.tensors, f"w/{mixed_layers[0]}/0").bits.unique()) == [2, 3, 4]
+    path = save_packed(qmodel, tmp_path / "mixed.safetensors")
+    assert torch.equal(_outputs(load_packed(make_unet(), path), unet_inputs), expected)
+
+
 def test_layers_left_in_float_by_rules_are_stored_in_float(calibrated_unet, unet_inputs, tmp_path):
     _, qmodel = calibrated_unet(4, 8, rules=mixed_rules())
     _outputs(qmodel, unet_inputs)  # fills the weight caches (a cached fp weight must not leak into the file)

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..errors import DiffquantError
-from ..quant.affine import GridSpec
 
 
 class ExportError(DiffquantError):
@@ -105,9 +104,15 @@ def weight_codes_of(weight: Tensor, quantizer, axis: int, what: str) -> WeightCo
             f"{what}: the fake-quantized weight is not on its quantizer's grid "
             "(soft AdaRound not hardened, or a recipe step applied after quantization)"
         )
-    spec = GridSpec(quantizer.bits, quantizer.grid)
-    if codes.numel() and (codes.min() < spec.qmin or codes.max() > spec.qmax):
-        raise ExportError(f"{what}: weight codes fall outside the {spec.bits}-bit grid")
+    channel_bits = getattr(quantizer, "channel_bits", None)  # MixedBitQuantizer (MPQ-DM OMQ)
+    if channel_bits is None:
+        bits = torch.full((channels,), quantizer.bits, dtype=torch.uint8)
+    else:
+        bits = channel_bits.detach().cpu().to(torch.uint8)
+    lo, hi = grid_bounds(bits, quantizer.grid)
+    shape = _channel_shape(codes.dim(), axis, channels)
+    if codes.numel() and (bool((codes < lo.reshape(shape).to(codes)).any()) or bool((codes > hi.reshape(shape).to(codes)).any())):
+        raise ExportError(f"{what}: weight codes fall outside their channels' bit-width grids")
     step = quantizer.step.detach()[0].reshape(-1).float()
     zero = z_vec.to(torch.int64)
     if step.numel() == 1 and channels != 1:  # a per-tensor weight quantizer: repeat per channel
@@ -116,7 +121,7 @@ def weight_codes_of(weight: Tensor, quantizer, axis: int, what: str) -> WeightCo
         codes=codes.to(torch.int16),
         step=step,
         zero_point=zero,
-        bits=torch.full((channels,), quantizer.bits, dtype=torch.uint8),
+        bits=bits,
         grid=quantizer.grid,
         axis=axis,
         dtype=w.dtype,
@@ -190,6 +195,26 @@ class ActCodes:
         return (self.quantize(x).to(x.dtype) - self.zero_point) * self.step.to(x.dtype)
 
 
+def input_divisor_of(quantizer) -> Tensor | None:
+    """The folded τ of a PTSQuantizer (the deployment form of DMQ's LES), None when there is none.
+
+    Export paths apply it as one elementwise x·(1/τ) right before the per-tensor quantization —
+    the same as a per-channel quantize scale s·τ — while the weights already hold W·τ.
+    """
+    divisor = getattr(quantizer, "input_divisor", None)
+    if divisor is None or bool(torch.all(divisor == 1)):
+        return None
+    return divisor.detach().float().clone()
+
+
+def apply_input_divisor(x: Tensor, divisor: Tensor | None, axis: int) -> Tensor:
+    if divisor is None:
+        return x
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return x * (1.0 / divisor).reshape(shape).to(x.dtype)
+
+
 def act_codes(quantizer, row: int, what: str = "activation") -> ActCodes | None:
     """The uint8 view of one row of an activation quantizer; None when it is not active."""
     if not quantizer.active:
@@ -197,9 +222,6 @@ def act_codes(quantizer, row: int, what: str = "activation") -> ActCodes | None:
     if quantizer.channel_axis is not None:
         raise ExportError(f"{what}: per-channel activation quantizers cannot be exported")
     multiplier = getattr(quantizer, "multiplier", None)
-    divisor = getattr(quantizer, "input_divisor", None)
-    if divisor is not None and not bool(torch.all(divisor == 1)):
-        raise ExportError(f"{what}: a folded input scale τ on the activation quantizer is not supported by this export path")
     if multiplier is not None and not bool(torch.all(multiplier[row] == 1)):
         raise ExportError(
             f"{what}: per-channel power-of-two step factors (DMQ PTS) are not expressible as one "

@@ -29,7 +29,10 @@ from torch import Tensor, nn
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer
-from .codes import ActCodes, ExportError, WeightCodes, act_codes, layer_weight_codes, weight_is_quantized
+from .codes import (
+    ActCodes, ExportError, WeightCodes, act_codes, apply_input_divisor, input_divisor_of, layer_weight_codes,
+    weight_is_quantized,
+)
 
 INT8_KINDS = ("Conv1d", "Conv2d", "Linear")
 
@@ -105,6 +108,8 @@ class Int8Layer(nn.Module):
         self.rows: list[list[ActCodes]] = [
             [act_codes(q, k, f"{name} input") for k in range(q.num_steps)] for q in layer.act_quantizers
         ]
+        #: folded τ per input part (DMQ LES), applied as x·(1/τ) before quantizing
+        self.divisors = [input_divisor_of(q) for q in layer.act_quantizers]
         self.weights = nn.ModuleList(_Int8Weight(wc, self.kind, self.op_args) for wc in layer_weight_codes(layer, name))
         if self.kind == "Conv2d":
             self._op = _onednn().qconv2d_pointwise
@@ -142,6 +147,7 @@ class Int8Layer(nn.Module):
         out = None
         for i, (xp, w, q) in enumerate(zip(xs, self.weights, self.act_quantizers)):
             act = self.rows[i][q.row()]
+            xp = apply_input_divisor(xp, self.divisors[i], self.act_axis)
             y = self._part(xp, w, act, self.bias if i == 0 else None)
             out = y if out is None else out + y
         return out.to(x.dtype)

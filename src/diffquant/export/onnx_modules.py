@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from ..nn.attention import QuantAttnProcessor
 from ..nn.layers import QuantLayer
-from .codes import ActCodes, ExportError, WeightCodes, act_codes, layer_weight_codes, weight_is_quantized
+from .codes import (
+    ActCodes, ExportError, WeightCodes, act_codes, apply_input_divisor, input_divisor_of, layer_weight_codes,
+    weight_is_quantized,
+)
 from .onnx_ops import ConvInteger, DequantizeWeight, MatMulInteger, QuantizeDequantize, QuantizeToUint8
 
 MODES = ("qdq", "integer")
@@ -88,8 +91,11 @@ class OnnxQuantLayer(nn.Module):
         self.register_buffer("bias", bias)
         parts = 1 if layer.split is None else 2
         self.acts: list[ActCodes | None] = [None] * parts
+        #: folded τ per input part (DMQ LES), applied as x·(1/τ) before quantizing
+        self.divisors: list[Tensor | None] = [None] * parts
         if layer.use_act_quant:
             self.acts = [check_onnx_act(act_codes(q, row, f"{name} input"), f"{name} input") for q in layer.act_quantizers]
+            self.divisors = [input_divisor_of(q) if a is not None else None for q, a in zip(layer.act_quantizers, self.acts)]
         self.weight_parts = nn.ModuleList()
         self.register_buffer("float_weight", None)
         if weight_is_quantized(layer):
@@ -133,9 +139,9 @@ class OnnxQuantLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _inputs(self, x: Tensor) -> list[Tensor]:
-        if self.split is None:
-            return [x]
-        return list(torch.split(x, [self.split, x.shape[self.act_axis] - self.split], dim=self.act_axis))
+        xs = [x] if self.split is None else list(
+            torch.split(x, [self.split, x.shape[self.act_axis] - self.split], dim=self.act_axis))
+        return [apply_input_divisor(xp, d, self.act_axis) for xp, d in zip(xs, self.divisors)]
 
     def _weight(self) -> Tensor:
         if self.float_weight is not None:

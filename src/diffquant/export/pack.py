@@ -42,6 +42,7 @@ from ..errors import CheckpointError, ConfigError, DiffquantError
 from ..model.plan import WrapPlan
 from ..model.qmodel import QuantModel
 from ..model.wrap import build
+from ..quant.variants import rebuild_quantizer, replace_module
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .codes import ExportError, WeightCodes, grid_bounds, layer_weight_codes, weight_is_quantized
 
@@ -54,6 +55,9 @@ WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 #: quantizer tensors restored from the file (the rest of a quantizer is rebuilt by ``build``)
 QUANTIZER_BUFFERS = ("step", "zero_point", "initialized", "range_lo", "range_hi", "batches_seen", "search_side")
 ADAROUND_BUFFERS = ("V", "hard_rounding", "hardened")
+PTS_BUFFERS = ("multiplier", "input_divisor")
+#: what rebuilds a quantizer variant (PTSQuantizer) before its tensors are loaded
+VARIANT_ATTRS = ("class", "pts_axis", "pts_channels")
 #: quantizer attributes stored in the manifest
 QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
 _STREAM = re.compile(r"s\d+")
@@ -193,6 +197,12 @@ def _quant_state_tensors(qmodel: QuantModel, packed_layers: set[str]) -> dict[st
     for qname in quantizers:
         for buf in QUANTIZER_BUFFERS:
             known[f"model.{qname}.{buf}"] = qname
+        for buf in PTS_BUFFERS:  # DMQ's PTS factors and folded τ (PTSQuantizer)
+            known[f"model.{qname}.{buf}"] = qname
+        if ".weight_quantizers." in qname:  # mixed-bit tags: stored as the packed part's bits
+            layer = qname.split(".weight_quantizers.")[0]
+            if layer in packed_layers:
+                known[f"model.{qname}.channel_bits"] = qname
     out = {}
     for key, value in state.items():
         if key in known:
@@ -258,7 +268,8 @@ def freeze(qmodel: QuantModel, *, float_dtype: str = "float32") -> PackedModel:
             "config": to_dict(qmodel.config),
             "plan": qmodel.plan.to_dict(),
             "timestep_index": qmodel.timestep_index.to_dict(),
-            "quantizers": {n: {a: q.describe()[a] for a in QUANTIZER_ATTRS} for n, q in qmodel.quantizers().items()},
+            "quantizers": {n: {a: v for a, v in q.describe().items() if a in QUANTIZER_ATTRS + VARIANT_ATTRS}
+                           for n, q in qmodel.quantizers().items()},
             "layer_flags": {n: {"use_weight_quant": l.use_weight_quant, "use_act_quant": l.use_act_quant}
                             for n, l in qmodel.layers().items()},
             "attention_flags": {n: p.use_act_quant for n, p in qmodel.attention_processors().items()},
@@ -401,8 +412,15 @@ def _restore_quantizers(qmodel: QuantModel, packed: PackedModel, where: str) -> 
         q = quantizers.get(name)
         if q is None:
             raise CheckpointError(f"{where}: quantizer {name} does not exist in the rebuilt model")
+        if attrs.get("class") == "PTSQuantizer":
+            try:
+                q = rebuild_quantizer(attrs, q)
+            except (KeyError, DiffquantError) as exc:
+                raise CheckpointError(f"{where}: quantizer {name}: {_first_line(exc)}") from None
+            replace_module(qmodel.model, name, q)
         for attr, value in attrs.items():
-            setattr(q, attr, value)
+            if attr in QUANTIZER_ATTRS:
+                setattr(q, attr, value)
     layers = qmodel.layers()
     for name, flags in quant["layer_flags"].items():
         layers[name].use_weight_quant = bool(flags["use_weight_quant"])
