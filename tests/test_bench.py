@@ -64,3 +64,26 @@ def test_model_size_counts_weight_bits(tiny_folder):
     q4 = dq.quantize(bundle.unet, dq.QuantConfig(weight_bits=4, quantize_acts=False), bundle.example_inputs())
     weights = sum(layer.weight.numel() for layer in q8.layers().values())
     assert model_size_mb(q8) - model_size_mb(q4) == pytest.approx(weights * 4 / 8 / 2**20)
+
+
+def test_recipe_specs_parse_overrides_and_files(tmp_path):
+    from diffquant.pipeline import parse_recipe_spec
+
+    name, cfg = parse_recipe_spec("qdiffusion:split=false,iters_w=7,calib_policy=last_n")
+    assert name == "qdiffusion" and cfg.split is False and cfg.iters_w == 7 and cfg.calib_policy == "last_n"
+    (tmp_path / "q.yaml").write_text("iters_a: 3\n")
+    name, cfg = parse_recipe_spec(f"qdiffusion@{tmp_path / 'q.yaml'}:iters_w=5")
+    assert cfg.iters_a == 3 and cfg.iters_w == 5
+    for bad in ("qdiffusion:nope=1", "qdiffusion:iters_w", "nosuchrecipe"):
+        with pytest.raises(ConfigError):
+            parse_recipe_spec(bad)
+
+
+def test_bench_rows_are_labelled_by_recipe_spec(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    cfg = BenchConfig(model=str(tiny_folder), recipes=["naive", "naive:a_init=ema_minmax"], settings=["W4A8"], n=2,
+                      steps=2, batch_size=2, metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
+                      out=str(tmp_path / "bench"))
+    rows = run_bench(cfg)["rows"]
+    assert [r["recipe"] for r in rows] == ["fp32", "naive", "naive:a_init=ema_minmax"]
+    assert rows[1]["eps_mse"] != rows[2]["eps_mse"]  # the override reached the recipe

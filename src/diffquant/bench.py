@@ -23,6 +23,7 @@ from .pipeline import (
     bundled_classifier,
     build_quant_config,
     default_guidance,
+    parse_recipe_spec,
     parse_setting,
     quantize_bundle,
     reference_dataset,
@@ -113,6 +114,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         raise ConfigError(f"no reference data set is known for {bundle.name}; pass --metrics with no FID metrics")
     guidance = default_guidance(bundle) if cfg.guidance is None else cfg.guidance
     parsed = [(s.upper(), *parse_setting(s)) for s in cfg.settings]
+    specs = [(spec, *parse_recipe_spec(spec)) for spec in cfg.recipes]  # bad specs fail before any work
     extractor = InceptionFeatures(device=device) if needs_reference else None
     reference = None
     if needs_reference:
@@ -142,11 +144,11 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     curves = {}
     per_row = min(10, cfg.n)
     grids = [fp.images[:per_row]]
-    for recipe in cfg.recipes:
+    for recipe, name, recipe_config in specs:
         for tag, wbits, abits in parsed:
             print(f"[bench] {recipe} {tag}: calibrating")
             quant = build_quant_config(wbits, abits, None, split=cfg.split)
-            res = quantize_bundle(bundle, recipe, quant, cfg.calib, device)
+            res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config)
             qbundle = bundle.with_unet(res.qmodel)
             t0 = time.perf_counter()
             qs = sample(qbundle, cfg.n, **sample_kw)
@@ -256,7 +258,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--model", default="mnist-resunet")
     p.add_argument("--assets", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--recipes", nargs="+", default=["naive"])
+    p.add_argument("--recipes", nargs="+", default=["naive"],
+                   help="recipe specs: NAME, NAME@config.yaml, NAME:key=value,key=value (e.g. qdiffusion:split=false)")
     p.add_argument("--settings", nargs="+", default=["W8A8", "W4A8"])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--ref-n", type=int, default=None, help="reference images (default: the whole test split)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import QuantConfig, load_yaml, save_yaml, to_dict
+from .config import QuantConfig, from_dict, load_yaml, save_yaml, to_dict
 from .errors import ConfigError
 from .methods import RECIPES
 from .model import QuantModel, quantize, save
@@ -119,10 +119,40 @@ def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig,
     qmodel = quantize(bundle.unet, quant, (args, kwargs))
     recipe_set = calib_set.with_uncond() if bundle.is_conditional and guidance != 1.0 else calib_set
     extra = recipe_inputs(run, calib_set=recipe_set, call=bundle.predict_noise, fp_model=bundle.unet,
-                          work_dir=work_dir, device=device)
+                          bundle=bundle, work_dir=work_dir, device=device)
     run(qmodel, make_forward_loop(bundle, calib_set, calib.batch_size, device, guidance), config, **extra)
     t2 = time.perf_counter()
     return QuantizeResult(qmodel, None, qmodel.summary(), t2 - t0, {"capture_s": t1 - t0, "recipe_s": t2 - t1})
+
+
+def parse_recipe_spec(spec: str):
+    """``name``, ``name@config.yaml`` and/or ``name:key=value,key=value`` → (name, config object).
+
+    Values are YAML scalars (``split=false``, ``iters_w=500``, ``calib_policy=last_n``); inline
+    overrides apply after the YAML file. Used by ``diffquant bench`` to put ablations and
+    shortened schedules side by side in one table, each row labelled with its spec.
+    """
+    import dataclasses
+
+    import yaml
+
+    head, _, overrides = spec.partition(":")
+    name, _, path = head.partition("@")
+    config = load_recipe_config(name, path or None)
+    if overrides:
+        data = dataclasses.asdict(config)
+        for item in overrides.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"recipe spec {spec!r}: expected key=value, got {item!r}")
+            try:
+                data[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"recipe spec {spec!r}: cannot read the value of {key!r}") from None
+            if key.strip() not in {f.name for f in dataclasses.fields(config)}:
+                raise ConfigError(f"recipe spec {spec!r}: {name} has no option {key.strip()!r}")
+        config = from_dict(type(config), data)
+    return name, config
 
 
 def load_recipe_config(recipe: str, path: str | None):
