@@ -117,7 +117,12 @@ class QuantModel(nn.Module):
             wq = layer.weight_quantizers[0]
             gran = "channel" if wq.channel_axis is not None else "tensor"
             a_bits = str(lp.act_bits) if lp.quantize_input else f"{lp.act_bits} (input FP)"
-            rows.append((lp.name, lp.kind, str(lp.weight_bits), a_bits, gran, str(lp.split or "-"), ",".join(lp.roles) or "-"))
+            w_bits = str(lp.weight_bits)
+            channel_bits = getattr(wq, "channel_bits", None)
+            if channel_bits is not None and wq.active:  # mixed precision per channel (MPQ-DM's OMQ)
+                values, counts = torch.unique(channel_bits.long(), return_counts=True)
+                w_bits += " (" + "/".join(f"{int(b)}:{int(c)}" for b, c in zip(values, counts)) + ")"
+            rows.append((lp.name, lp.kind, w_bits, a_bits, gran, str(lp.split or "-"), ",".join(lp.roles) or "-"))
         for name in self.plan.attention:
             proc = self.model.get_submodule(name).processor
             rows.append((name, "attn matmuls", "-", f"{proc.q_quantizer.bits} (P: {proc.probs_quantizer.bits})", "tensor", "-", "-"))
