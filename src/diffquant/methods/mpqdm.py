@@ -1,0 +1,345 @@
+"""MPQ-DM (METHODS.md §6) and its substrate EfficientDM, as recipes ``mpqdm``, ``mpqdm_official``
+and ``efficientdm``.
+
+Not a reconstruction method. Given a model wrapped with :meth:`MPQDMConfig.wrap_config`
+(``lp_shrink`` ranges, no split, attention matmuls FP):
+
+1. coverage by role (:mod:`diffquant.finetune.coverage`): conv_in, the time-embedding MLP and
+   conv_out at W8A8 (static, frozen); shortcut and downsample convs FP; all other layers "mixed";
+2. Stage 1 (:mod:`diffquant.finetune.stage1`) on ``stage1_batch`` random tuples of the calibration
+   pool (every step of the FP trajectories, :meth:`MPQDMConfig.select_calibration`): SmoothQuant
+   α = 0.5, OMQ's kurtosis split N−1/N/N+1, per-channel ``lp_shrink`` weights per bit group,
+   per-tensor ``lp_shrink`` activations on X/s;
+3. TALSQ tables (one row per step of the K-step DDIM schedule), LoRA (rank 32, B = 0) on the mixed
+   layers;
+4. Stage 2 (:func:`diffquant.finetune.qalora.finetune`): data-free distillation along the FP DDIM
+   trajectory, ε-loss plus TRD (:mod:`diffquant.finetune.trd`), resumable per epoch.
+
+``efficientdm`` (:class:`EfficientDMConfig`) is the same pipeline with ``efficientdm_only``: no
+smoothing, no OMQ (uniform N-bit weights), no TRD, the weight zero point frozen (EfficientDM
+learns the weight step only). ``mpqdm_official`` (:class:`MPQDMOfficialConfig`) sets the official
+code's switches (§6.5): candidates {0, 10%}, TRD without gradient, the LoRA lr base with
+placeholder steps.
+
+Sampling must use the fine-tuning schedule (DDIM with ``steps`` steps): the TALSQ table rows are
+looked up by timestep and an unknown timestep fails loudly (§1.7).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..calib.cache import TrajectoryCache
+from ..calib.select import CalibrationSet, all_steps
+from ..config import QuantConfig
+from ..errors import ConfigError
+from ..finetune.coverage import DEFAULT_EIGHT_BIT, DEFAULT_FP, apply_coverage
+from ..finetune.qalora import (
+    LORA_LR_MODES, FinetuneCheckpoint, FinetuneOptions, attach_adapters, build_optimizer, expand_act_tables,
+    finetune, set_trainable,
+)
+from ..finetune.stage1 import Stage1Options, run_stage1
+from ..finetune.trd import TRD_GRADS, TRD_LOSSES
+from ..model.qmodel import QuantModel
+from ..quant.omq import CANDIDATE_MODES, CRITERIA
+from ..recon.cache import DenoiserCall, default_call
+from ..recon.progress import fingerprint_of
+from .stages import ForwardLoop
+
+
+@dataclass
+class MPQDMConfig:
+    """All knobs of MPQ-DM (METHODS.md §6, ablation switches §8); defaults = the library's."""
+
+    # -- wrapping
+    #: W-only: no activation quantization (no TALSQ)
+    weight_only: bool = False
+    #: 8-bit layers (W8A8, static, frozen): ``@role`` entries or name globs (finetune.coverage)
+    eight_bit_layers: list[str] = field(default_factory=lambda: list(DEFAULT_EIGHT_BIT))
+    #: layers kept in floating point: ``@shortcut``, ``@downsample`` or name globs
+    fp_layers: list[str] = field(default_factory=lambda: list(DEFAULT_FP))
+
+    # -- calibration pool and Stage 1
+    #: trajectories per step in the pool (None: all captured)
+    pool_n: int | None = None
+    #: random pool tuples in the one Stage-1 forward
+    stage1_batch: int = 32
+    calib_seed: int = 0
+    #: OMQ (kurtosis split into N−1 / N / N+1-bit channel groups)
+    omq: bool = True
+    #: kurtosis | random | head_tail
+    omq_criterion: str = "kurtosis"
+    #: paper (k = 0, g, 2g, … ≤ C/2) | code ({0, g}); g = ⌊C_out/10⌋
+    omq_candidates: str = "paper"
+    #: SmoothQuant pre-scaling of the mixed layers
+    smooth: bool = True
+    smooth_alpha: float = 0.5
+
+    # -- Stage 2: fine-tuning
+    lora_rank: int = 32
+    #: E (ImageNet: 800)
+    epochs: int = 800
+    #: K: DDIM steps of the fine-tuning (and sampling) schedule; None = the calibration schedule
+    steps: int | None = None
+    batch_size: int = 4
+    #: CFG scale in the loop; None = the model's default (1 for unconditional models)
+    guidance: float | None = None
+    seed: int = 3407
+    #: LoRA lr = ā / lora_lr_divisor; ā: library (channels' own steps) | code (with placeholders)
+    lora_lr: str = "library"
+    lora_lr_divisor: float = 2500.0
+    weight_lr: float = 1e-6
+    act_lr: float = 5e-4
+    weight_decay: float = 0.01
+    #: learn the weight zero point with the weight step (EfficientDM: step only)
+    learn_weight_zero_point: bool = True
+    #: TRD (time-smoothed relation distillation)
+    trd: bool = True
+    #: current | window | none (official: detached, no gradient)
+    trd_grad: str = "current"
+    trd_n: int = 2
+    trd_tau: float = 1.0
+    trd_weight: float = 100.0
+    #: relation_kl | l2_feature
+    trd_loss: str = "relation_kl"
+    #: module whose output TRD compares (None: the last decoder block, finetune.trd)
+    trd_feature: str | None = None
+    #: EfficientDM alone: OMQ, smoothing and TRD off, weight zero point frozen
+    efficientdm_only: bool = False
+    #: set by mpqdm_official
+    official: bool = False
+
+    def __post_init__(self) -> None:
+        if self.efficientdm_only:
+            self.omq = self.smooth = self.trd = self.learn_weight_zero_point = False
+        if self.omq_criterion not in CRITERIA:
+            raise ConfigError(f"omq_criterion must be one of {', '.join(CRITERIA)}, got {self.omq_criterion!r}")
+        if self.omq_candidates not in CANDIDATE_MODES:
+            raise ConfigError(f"omq_candidates must be one of {', '.join(CANDIDATE_MODES)}, got {self.omq_candidates!r}")
+        if self.trd_grad not in TRD_GRADS:
+            raise ConfigError(f"trd_grad must be one of {', '.join(TRD_GRADS)}, got {self.trd_grad!r}")
+        if self.trd_loss not in TRD_LOSSES:
+            raise ConfigError(f"trd_loss must be one of {', '.join(TRD_LOSSES)}, got {self.trd_loss!r}")
+        if self.lora_lr not in LORA_LR_MODES:
+            raise ConfigError(f"lora_lr must be one of {', '.join(LORA_LR_MODES)}, got {self.lora_lr!r}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
+        for name in ("stage1_batch", "batch_size", "trd_n"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lora_rank", "epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1 (or None), got {self.steps}")
+        if self.pool_n is not None and self.pool_n < 1:
+            raise ConfigError(f"pool_n must be >= 1 (or None), got {self.pool_n}")
+        if self.trd_tau <= 0 or self.lora_lr_divisor <= 0:
+            raise ConfigError("trd_tau and lora_lr_divisor must be > 0")
+
+    @property
+    def recipe_name(self) -> str:
+        if self.efficientdm_only:
+            return "efficientdm"
+        return "mpqdm_official" if self.official else "mpqdm"
+
+    def wrap_config(self, quant: QuantConfig) -> QuantConfig:
+        """``quant`` with MPQ-DM's wrapping: lp_shrink ranges, no split, attention matmuls FP."""
+        quant = dataclasses.replace(
+            quant, split=False, attn_matmul=False, weight_init="lp_shrink", act_init="lp_shrink",
+            quantize_acts=False if self.weight_only else quant.quantize_acts,
+        )
+        quant.__post_init__()
+        return quant
+
+    def select_calibration(self, cache: TrajectoryCache) -> CalibrationSet:
+        """The calibration pool: every step of the captured trajectories (``pool_n`` each)."""
+        n = None if self.pool_n is None else min(self.pool_n, cache.num_samples)
+        return all_steps(cache, n)
+
+    def finetune_options(self, steps: int, guidance: float) -> FinetuneOptions:
+        return FinetuneOptions(
+            epochs=self.epochs, steps=steps, batch_size=self.batch_size, guidance=guidance, seed=self.seed,
+            lora_lr_divisor=self.lora_lr_divisor, lora_lr=self.lora_lr, weight_lr=self.weight_lr,
+            act_lr=self.act_lr, weight_decay=self.weight_decay,
+            learn_weight_zero_point=self.learn_weight_zero_point, trd=self.trd, trd_grad=self.trd_grad,
+            trd_n=self.trd_n, trd_tau=self.trd_tau, trd_weight=self.trd_weight, trd_loss=self.trd_loss,
+            trd_feature=self.trd_feature,
+        )
+
+
+@dataclass
+class MPQDMOfficialConfig(MPQDMConfig):
+    """``mpqdm_official``: the official code's switches (METHODS.md §6.5)."""
+
+    omq_candidates: str = "code"
+    trd_grad: str = "none"
+    lora_lr: str = "code"
+    official: bool = True
+
+
+@dataclass
+class EfficientDMConfig(MPQDMConfig):
+    """``efficientdm``: the substrate alone (no OMQ, smoothing or TRD; weight z frozen)."""
+
+    efficientdm_only: bool = True
+
+
+# ---------------------------------------------------------------------- helpers
+def _schedule(bundle, calib_set: CalibrationSet | None, steps: int | None) -> list[int]:
+    """The K timesteps of the fine-tuning / sampling schedule (DDIM)."""
+    if steps is None:
+        if calib_set is None:
+            raise ConfigError("set steps= or pass the calibration set (its schedule gives K)")
+        steps = int(torch.unique(calib_set.ts).numel())
+    if bundle is None:
+        if calib_set is None or int(torch.unique(calib_set.ts).numel()) != steps:
+            raise ConfigError("without a bundle the schedule comes from the calibration set, which must "
+                              f"hold all {steps} steps")
+        return sorted({int(t) for t in calib_set.ts.tolist()}, reverse=True)
+    from ..diffusion.sampling import scheduler_timesteps
+
+    return [int(t) for t in scheduler_timesteps(bundle.scheduler_config, "ddim", steps)]
+
+
+def _guidance(config: MPQDMConfig, bundle) -> float:
+    if config.guidance is not None:
+        return float(config.guidance)
+    if bundle is None:
+        return 1.0
+    from ..pipeline import default_guidance
+
+    return default_guidance(bundle)
+
+
+def _stage1_runner(calib_set: CalibrationSet | None, forward_loop: ForwardLoop | None, call: DenoiserCall | None,
+                   config: MPQDMConfig, device):
+    if calib_set is None:
+        if forward_loop is None:
+            raise ConfigError("MPQ-DM Stage 1 needs calibration data: pass calib_set or a forward_loop")
+        return forward_loop
+    n = min(config.stage1_batch, len(calib_set))
+    gen = torch.Generator().manual_seed(config.calib_seed)
+    idx = torch.randperm(len(calib_set), generator=gen)[:n]
+    x, t, labels = calib_set[idx]
+    run = call or default_call
+
+    def loop(model: nn.Module) -> None:
+        run(model, x.to(device=device, dtype=torch.float32), t.to(device), None if labels is None else labels.to(device))
+
+    return loop
+
+
+def _fingerprint(qmodel: QuantModel, config: MPQDMConfig, calib_set: CalibrationSet | None, timesteps) -> str:
+    data = None
+    if calib_set is not None:
+        data = {"n": len(calib_set), "xs": float(calib_set.xs.double().sum()),
+                "xs_abs": float(calib_set.xs.double().abs().sum()), "ts": calib_set.ts.tolist()}
+    return fingerprint_of({"recipe": config.recipe_name, "config": config, "plan": qmodel.plan.to_dict(),
+                           "quant": qmodel.config, "data": data, "timesteps": timesteps})
+
+
+# ---------------------------------------------------------------------- the recipe
+def run_mpqdm(
+    qmodel: QuantModel,
+    forward_loop: ForwardLoop | None = None,
+    config: MPQDMConfig | None = None,
+    *,
+    calib_set: CalibrationSet | None = None,
+    call: DenoiserCall | None = None,
+    fp_model: nn.Module | None = None,
+    bundle=None,
+    work_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> QuantModel:
+    """Quantize ``qmodel`` in place with MPQ-DM / EfficientDM (the module docstring gives the stages).
+
+    Args:
+        calib_set: the calibration pool (x_t, t, labels); for CFG models with the null-label copies
+            (:meth:`CalibrationSet.with_uncond`). Stage 1 draws ``stage1_batch`` tuples from it.
+        forward_loop: used for Stage 1 only when no ``calib_set`` is given.
+        call: ``call(model, x, t, labels)`` for Stage 1 (default: ``bundle.predict_noise``).
+        fp_model: the float denoiser for distillation (default ``bundle.unet``).
+        bundle: the :class:`~diffquant.zoo.registry.DiffusionBundle` (scheduler, sample shape,
+            classes) that the fine-tuning samples with; needed when ``epochs > 0``.
+        work_dir: progress after Stage 1 and every epoch goes to ``<work_dir>/finetune``; a run with
+            the same settings resumes there. Stage-1 records and the loss history go to
+            ``mpqdm_records.json``.
+    """
+    config = config or MPQDMConfig()
+    quant = qmodel.config
+    if bundle is not None:
+        fp_model = bundle.unet if fp_model is None else fp_model
+        call = call or bundle.predict_noise
+    if config.epochs > 0 and (bundle is None or fp_model is None):
+        raise ConfigError("MPQ-DM / EfficientDM fine-tuning samples from the float model: pass bundle=")
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+
+    coverage = apply_coverage(qmodel, config.eight_bit_layers, config.fp_layers)
+    tables = quant.quantize_acts and bool(qmodel.quantizers("act"))
+    timesteps = _schedule(bundle, calib_set, config.steps) if (tables or config.epochs > 0) else []
+    guidance = _guidance(config, bundle)
+    lora_layers = [n for n in coverage["mixed"]
+                   if any(q.active for q in qmodel.layers()[n].weight_quantizers)] if config.lora_rank else []
+    trained = coverage["mixed"]
+
+    checkpoint = None
+    if work_dir is not None:
+        checkpoint = FinetuneCheckpoint(work_dir, _fingerprint(qmodel, config, calib_set, timesteps))
+    state = checkpoint.read_state() if checkpoint is not None else None
+    if state is None:
+        records = run_stage1(
+            qmodel, _stage1_runner(calib_set, forward_loop, call, config, device), coverage["mixed"],
+            Stage1Options(smooth=config.smooth, alpha=config.smooth_alpha, omq=config.omq,
+                          criterion=config.omq_criterion, candidates=config.omq_candidates, seed=config.seed),
+            quantize_weights=quant.quantize_weights, quantize_acts=quant.quantize_acts,
+        )
+        if tables:
+            expand_act_tables(qmodel, timesteps)
+        attach_adapters(qmodel, lora_layers, config.lora_rank, seed=config.seed)
+        if checkpoint is not None:
+            checkpoint.save(qmodel, 0, [], extra={"stage1": records, "coverage": coverage})
+        history: list[dict] = []
+        start = 0
+    else:
+        if tables:
+            expand_act_tables(qmodel, timesteps)
+        attach_adapters(qmodel, lora_layers, config.lora_rank, seed=config.seed)
+        checkpoint.restore_model(qmodel)
+        records, history, start = checkpoint.extra.get("stage1", []), state["history"], int(state["epoch"])
+
+    if config.epochs > start:
+        options = config.finetune_options(len(timesteps), guidance)
+        set_trainable(qmodel, trained, options.learn_weight_zero_point)
+        optimizer, scheduler, _ = build_optimizer(qmodel, trained, options)
+        if state is not None:
+            FinetuneCheckpoint.restore_optimizer(state, checkpoint.root, optimizer, scheduler)
+        history = finetune(qmodel, fp_model, bundle, trained, options, checkpoint=checkpoint, start_epoch=start,
+                           history=history, optimizer=optimizer, scheduler=scheduler, device=device,
+                           progress=progress)
+
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    qmodel.set_quant_state(weights=quant.quantize_weights, acts=quant.quantize_acts)
+    qmodel.recipe = config.recipe_name
+    qmodel.recipe_config = config
+    qmodel.mpq_records = {"coverage": coverage, "stage1": records, "history": history}
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        (Path(work_dir) / "mpqdm_records.json").write_text(json.dumps(qmodel.mpq_records, indent=1, default=float))
+    qmodel.clear_weight_cache()
+    qmodel.eval()
+    return qmodel
+
+
+#: EfficientDM runs the same pipeline (with ``EfficientDMConfig``)
+run_efficientdm = run_mpqdm
+
+__all__ = ["EfficientDMConfig", "MPQDMConfig", "MPQDMOfficialConfig", "run_efficientdm", "run_mpqdm"]
