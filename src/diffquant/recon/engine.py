@@ -245,6 +245,10 @@ def reconstruct(qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, r
     names = [u.name for u in units]
     done = progress.finished_units(recon_pass.name, names) if progress is not None else 0
     records = [UnitRecord(**r) for r in progress.records(recon_pass.name)[:done]] if progress is not None else []
+    # units after the last checkpoint of a finished pass learned nothing (skipped units are not
+    # checkpointed): restore their records too, so a resumed run reports what an uninterrupted one does
+    records += [UnitRecord(u.name, u.kind, recon_pass.name, 0, None, None, skipped=True)
+                for u in units[len(records):done]]
     qmodel.eval()
     bar = tqdm(total=len(units), initial=done, desc=f"reconstruct {recon_pass.name}", disable=not options.progress,
                leave=False)

@@ -1,0 +1,259 @@
+"""DMQ recipe end to end on a tiny class-conditional UNet2DModel (METHODS.md §5)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffquant.calib.capture import capture_trajectories
+from diffquant.config import QuantConfig, load_yaml
+from diffquant.diffusion.sampling import sample
+from diffquant.errors import ConfigError, DiffquantError
+from diffquant.methods import RECIPES
+from diffquant.methods.dmq import DMQConfig, DMQOfficialConfig, calibrate_step, run_dmq, use_activation_tables
+from diffquant.methods.stages import init_weight_quantizers
+from diffquant.model import load, quantize, save
+from diffquant.quant.variants import PTSQuantizer
+from diffquant.recon import CalibrationCalls, ReconProgress
+from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = dict(les_iters=4, iters_w=3, batch_size=4, cali_n=4, act_init_n=2, act_batch=4, eval_samples=8)
+FP_LAYERS = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+
+
+@pytest.fixture(scope="module")
+def bundle(make_unet):
+    unet = make_unet()  # 3 class embeddings: classes 0, 1 and the null class 2
+    return DiffusionBundle("tiny", unet, linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,
+                           call_convention=CALL_DIFFUSERS)
+
+
+@pytest.fixture(scope="module")
+def trajectories(bundle, tmp_path_factory):
+    return capture_trajectories(bundle, 4, steps=4, guidance=2.0, batch_size=4, progress=False,
+                                cache_dir=tmp_path_factory.mktemp("traj"))
+
+
+def wrap(bundle, config: DMQConfig, wbits=4, abits=6):
+    quant = config.wrap_config(QuantConfig(weight_bits=wbits, act_bits=abits, quantize_acts=abits <= 8))
+    return quantize(bundle.unet, quant, bundle.example_inputs(2))
+
+
+def calibrate(bundle, trajectories, config, **kwargs):
+    calib = config.select_calibration(trajectories).with_uncond()
+    qmodel = wrap(bundle, config)
+    run_dmq(qmodel, None, config, calib_set=calib, call=bundle.predict_noise, fp_model=bundle.unet,
+            progress=False, **kwargs)
+    return qmodel, calib
+
+
+@pytest.fixture(scope="module")
+def calibrated(bundle, trajectories):
+    return calibrate(bundle, trajectories, DMQConfig(**TINY))
+
+
+def test_end_to_end_coverage_tables_and_records(calibrated, trajectories):
+    qmodel, calib = calibrated
+    schedule = trajectories.timesteps.tolist()
+    assert len(calib) == 4 * 4 * 2 and qmodel.recipe == "dmq" and not qmodel.training
+    assert qmodel.timestep_index.timesteps == schedule and qmodel.plan.timesteps == schedule
+    layers, plans = qmodel.layers(), {lp.name: lp for lp in qmodel.plan.layers}
+    fp = [n for n in layers if n in FP_LAYERS or n.endswith("time_emb_proj")]
+    assert len(fp) == 4 + 8  # 8 ResBlocks
+    for name, layer in layers.items():
+        if name in fp:  # DMQ coverage: FP, no τ
+            assert plans[name].weight_bits == 32 and plans[name].act_bits == 32 and layer.input_scale is None
+            continue
+        assert layer.input_scale is not None and not layer.input_scale.requires_grad, name
+        assert not torch.equal(layer.input_scale, torch.ones_like(layer.input_scale)), name  # learned
+        assert layer.adaround is not None and all(r.mode == "hard" for r in layer.adaround)
+        for q in layer.act_quantizers:  # one row per step, calibrated, no zero widening, z unclamped
+            assert q.num_steps == 4 and bool(q.initialized.all()) and not q.include_zero
+            assert not q.clamp_zero_point
+        pts = all(isinstance(q, PTSQuantizer) for q in layer.act_quantizers)
+        assert pts == ("shortcut" in name), name
+    assert not qmodel.plan.attention  # attention matmuls FP
+    records = qmodel.recon_records
+    les = [r["name"] for r in records if r["pass_name"] == "les"]
+    assert les == [n for n in layers if n not in fp]
+    assert [r["name"] for r in records if r["pass_name"] == "weights"] == [u.name for u in qmodel.plan.units]
+    assert [r["name"] for r in records if r["pass_name"] == "acts"] == [f"step{k}" for k in range(4)]
+    assert [r["name"] for r in records if r["pass_name"] == "pts"] == [n for n in layers if "shortcut" in n]
+    # the tables really differ per step
+    q = layers["up_blocks.0.resnets.0.conv1"].act_quantizers[0]
+    assert len(set(q.step.reshape(-1).tolist())) == 4
+
+
+def test_save_load_is_bit_identical_and_sampling_runs(calibrated, bundle, tmp_path):
+    qmodel, calib = calibrated
+    x, t, labels = calib[0:4]
+    with torch.no_grad():
+        y = bundle.predict_noise(qmodel, x, t, labels)
+    save(qmodel, tmp_path / "q")
+    loaded = load(bundle.unet, tmp_path / "q")
+    assert loaded.recipe == "dmq" and loaded.recipe_config["les_iters"] == 4
+    assert loaded.timestep_index.timesteps == qmodel.timestep_index.timesteps
+    want, got = qmodel.quant_state_dict(), loaded.quant_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with torch.no_grad():
+        assert torch.equal(bundle.predict_noise(loaded, x, t, labels), y)
+    kw = dict(steps=4, guidance=2.0, batch_size=2, progress=False)  # the calibration schedule
+    a = sample(bundle.with_unet(qmodel), 2, **kw)
+    b = sample(bundle.with_unet(loaded), 2, **kw)
+    assert torch.equal(a.samples, b.samples) and torch.isfinite(a.samples).all()
+    assert not torch.equal(a.samples, sample(bundle, 2, **kw).samples)
+
+
+def test_tables_pick_the_row_of_the_given_timestep(calibrated, bundle):
+    qmodel, calib = calibrated
+    schedule = qmodel.timestep_index.timesteps
+    layer = qmodel.layers()["up_blocks.0.resnets.0.conv1"]
+    q = layer.act_quantizers[0]
+    seen = []
+    handle = q.register_forward_hook(lambda m, a, out: seen.append((a[0].clone(), out.clone())))
+    x, _, labels = calib[0:2]
+    try:
+        for k, t in enumerate(schedule):
+            with torch.no_grad():
+                bundle.predict_noise(qmodel, x, torch.full((2,), t), labels)
+            assert qmodel.timestep_index.index == k
+            inp, out = seen[-1]
+            assert torch.equal(out, q.quantize(inp, row=k))
+            assert not torch.equal(out, q.quantize(inp, row=(k + 1) % len(schedule)))
+    finally:
+        handle.remove()
+    # a schedule other than the calibration one: exact lookup fails loudly ...
+    with pytest.raises(DiffquantError, match="not in the calibrated schedule"):
+        with torch.no_grad():
+            bundle.predict_noise(qmodel, x, torch.full((2,), schedule[1] + 7), labels)
+    with pytest.raises(DiffquantError, match="timestep_lookup='nearest'"):
+        sample(bundle.with_unet(qmodel), 1, steps=5, guidance=2.0, progress=False)
+    # ... and the nearest lookup maps to the closest calibrated step
+    qmodel.timestep_index.lookup = "nearest"
+    try:
+        with torch.no_grad():
+            bundle.predict_noise(qmodel, x, torch.full((2,), schedule[1] + 7), labels)
+        assert qmodel.timestep_index.index == 1
+        assert torch.isfinite(sample(bundle.with_unet(qmodel), 1, steps=5, guidance=2.0, progress=False).samples).all()
+    finally:
+        qmodel.timestep_index.lookup = "exact"
+
+
+def test_nearest_lookup_is_a_config_switch_saved_with_the_model(bundle, trajectories, tmp_path):
+    config = DMQConfig(timestep_lookup="nearest", les=False, weight_recon=False, pts="off", **TINY)
+    qmodel, _ = calibrate(bundle, trajectories, config)
+    assert qmodel.config.timestep_lookup == "nearest"
+    save(qmodel, tmp_path / "q")
+    assert load(bundle.unet, tmp_path / "q").timestep_index.lookup == "nearest"
+
+
+def test_step_calibration_is_minmax_then_ema(bundle, trajectories):
+    config = DMQConfig(act_init_n=3, act_batch=4, **{k: v for k, v in TINY.items() if k not in ("act_init_n", "act_batch")})
+    calib = config.select_calibration(trajectories).with_uncond()
+    qmodel = wrap(bundle, config)
+    schedule = trajectories.timesteps.tolist()
+    use_activation_tables(qmodel, schedule)
+    init_weight_quantizers(qmodel)
+    data = CalibrationCalls(calib, bundle.predict_noise)
+    step2 = data.subset(torch.nonzero(calib.ts == schedule[2]).reshape(-1))
+    q = qmodel.layers()["down_blocks.0.resnets.0.conv1"].act_quantizers[0]
+    seen = []
+    handle = q.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    calibrate_step(qmodel, step2, config, 2, torch.Generator().manual_seed(0))
+    handle.remove()
+    assert seen[0].shape[0] == 3 and sum(s.shape[0] for s in seen[1:]) == len(step2)
+    lo, hi = seen[0].min(), seen[0].max()
+    for batch in seen[1:]:
+        lo, hi = 0.95 * lo + 0.05 * batch.min(), 0.95 * hi + 0.05 * batch.max()
+    assert q.range_lo[2].item() == pytest.approx(lo.item(), rel=1e-5)
+    assert q.range_hi[2].item() == pytest.approx(hi.item(), rel=1e-5)
+    assert q.step[2].item() == pytest.approx((hi - lo).item() / 63, rel=1e-5)  # 6 bit, range not widened to 0
+    assert bool(q.initialized[2]) and not bool(q.initialized[0])  # other rows untouched
+    assert q.mode == "quantize" and q.init == "minmax"
+
+
+@pytest.mark.parametrize("stop", [("les", 5), ("weights", 5), ("acts", 1), ("pts", 1)])
+def test_resume_equals_an_uninterrupted_run(calibrated, bundle, trajectories, tmp_path, monkeypatch, stop):
+    expected, _ = calibrated
+    config = DMQConfig(**TINY)
+
+    class Stop(Exception):
+        pass
+
+    original = ReconProgress.save
+
+    def save_then_stop(self, qm, pass_name, last_unit, *args, **kwargs):
+        original(self, qm, pass_name, last_unit, *args, **kwargs)
+        if (pass_name, last_unit) == stop:
+            raise Stop
+
+    monkeypatch.setattr(ReconProgress, "save", save_then_stop)
+    with pytest.raises(Stop):
+        calibrate(bundle, trajectories, config, work_dir=tmp_path)
+    monkeypatch.setattr(ReconProgress, "save", original)
+    resumed, _ = calibrate(bundle, trajectories, config, work_dir=tmp_path)
+    want, got = expected.quant_state_dict(), resumed.quant_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["final_loss"] for r in resumed.recon_records] == [r["final_loss"] for r in expected.recon_records]
+
+
+def test_ablation_switches(bundle, trajectories):
+    base = DMQConfig(**TINY)
+    off, _ = calibrate(bundle, trajectories, dataclasses.replace(base, les=False, pts="off", per_step_acts=False))
+    assert all(layer.input_scale is None for layer in off.layers().values())
+    assert not any(isinstance(q, PTSQuantizer) for q in off.quantizers("act").values())
+    assert not off.timestep_index.timesteps and off.plan.timesteps is None
+    assert all(q.num_steps == 1 for q in off.quantizers("act").values())
+    static, _ = calibrate(bundle, trajectories, dataclasses.replace(base, pts_per_step=False, pts_kappa=0.0))
+    pts = [q for q in static.quantizers("act").values() if isinstance(q, PTSQuantizer)]
+    assert pts and all(torch.equal(q.multiplier, q.multiplier[:1].expand_as(q.multiplier)) for q in pts)
+    assert any(bool((q.multiplier < 1).any()) for q in pts)  # κ = 0: every mode is kept
+    per_step, _ = calibrate(bundle, trajectories, dataclasses.replace(base, pts_kappa=0.0))
+    pts = [q for q in per_step.quantizers("act").values() if isinstance(q, PTSQuantizer)]
+    assert any(not torch.equal(q.multiplier[0], q.multiplier[k]) for q in pts for k in range(1, 4))
+    mse, _ = calibrate(bundle, trajectories, dataclasses.replace(base, pts="mse", time_weight="uniform",
+                                                                 pts_layers="all"))
+    assert all(isinstance(q, PTSQuantizer) for name, q in mse.quantizers("act").items()
+               if q.active and "time_emb" not in name)
+
+
+def test_weight_only(bundle, trajectories):
+    qmodel, _ = calibrate(bundle, trajectories, DMQConfig(weight_only=True, **TINY))
+    assert qmodel.config.tag == "W4A32" and not qmodel.timestep_index.timesteps
+    assert {r["pass_name"] for r in qmodel.recon_records} == {"les", "weights"}
+
+
+def test_official_preset_and_config_errors():
+    config_cls, run = RECIPES["dmq_official"]
+    assert run is run_dmq and config_cls is DMQOfficialConfig and RECIPES["dmq"] == (DMQConfig, run_dmq)
+    official = config_cls()
+    assert official.unit_order == "registration" and not official.fold_les and official.recipe_name == "dmq_official"
+    with pytest.raises(ConfigError, match="independent_trajectories_per_step"):
+        DMQConfig(independent_trajectories_per_step=True)
+    for bad in (dict(pts="sometimes"), dict(time_weight="exp"), dict(pts_kappa=1.5), dict(les_scope="block"),
+                dict(timestep_lookup="linear"), dict(cali_st=0)):
+        with pytest.raises(ConfigError):
+            DMQConfig(**bad)
+    assert DMQConfig(pts_layers="skip_connection").pts_layers == DMQConfig().pts_layers
+    with pytest.raises(ConfigError, match="calibration set"):
+        run_dmq(None, None, DMQConfig())
+
+
+def test_yaml_presets_load():
+    assert load_yaml(DMQConfig, CONFIGS / "dmq.yaml") == DMQConfig()
+    official = load_yaml(DMQOfficialConfig, CONFIGS / "dmq_official.yaml")
+    assert dataclasses.asdict(official) == dataclasses.asdict(DMQOfficialConfig())
+
+
+def test_pipeline_runs_the_recipe(bundle, tmp_path):
+    from diffquant.pipeline import CalibConfig, quantize_bundle
+
+    calib = CalibConfig(n=4, steps=4, every=2, batch_size=4, guidance=2.0)
+    res = quantize_bundle(bundle, "dmq", QuantConfig(weight_bits=4, act_bits=8), calib, cache_dir=tmp_path,
+                          recipe_config=DMQConfig(**TINY), work_dir=tmp_path / "work")
+    assert res.qmodel.recipe == "dmq" and res.qmodel.config.split
+    assert len(res.qmodel.timestep_index.timesteps) == 4  # all_steps: every sampler step
+    assert (tmp_path / "work" / "progress" / "progress.json").is_file()
