@@ -65,8 +65,8 @@ from ..recon.progress import ReconProgress
 from ..recon.state import quant_state
 from ..recon.time_weight import TIME_WEIGHTS, calibration_schedule, timestep_buckets
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .qdiffusion import _fingerprint, _fit
-from .stages import ForwardLoop, finish_recipe, init_weight_quantizers
+from .qdiffusion import _fit
+from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, recipe_fingerprint
 
 log = logging.getLogger("diffquant.methods")
 
@@ -533,7 +533,7 @@ def run_dmq(
                          directory=None if work_dir is None else str(Path(work_dir) / "unit_cache"))
     checkpoints = None
     if work_dir is not None:
-        checkpoints = ReconProgress(work_dir, PASSES, _fingerprint(qmodel, config, calib_set))
+        checkpoints = ReconProgress(work_dir, PASSES, recipe_fingerprint(qmodel, config, calib_set))
         checkpoints.restore(qmodel)
 
     records: list[UnitRecord] = []

@@ -45,8 +45,8 @@ from ..recon.engine import EngineOptions, UnitRecord, reconstruct
 from ..recon.fbr import FBR_EXCLUDES, FBRPass
 from ..recon.progress import ReconProgress
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .qdiffusion import _fingerprint, _fit, _loop
-from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations
+from .qdiffusion import _fit, _loop
+from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations, recipe_fingerprint
 
 log = logging.getLogger("diffquant.methods")
 
@@ -401,7 +401,7 @@ def run_edadm(
     passes = fbr_passes(config, quant.quantize_acts and bool(qmodel.quantizers("act")))
     checkpoints = None
     if work_dir is not None and calib_set is not None:
-        checkpoints = ReconProgress(work_dir, [p.name for p in passes], _fingerprint(qmodel, config, calib_set))
+        checkpoints = ReconProgress(work_dir, [p.name for p in passes], recipe_fingerprint(qmodel, config, calib_set))
     resumed = checkpoints.restore(qmodel) if checkpoints is not None else False
 
     if not resumed:

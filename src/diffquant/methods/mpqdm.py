@@ -48,8 +48,7 @@ from ..finetune.trd import TRD_GRADS, TRD_LOSSES
 from ..model.qmodel import QuantModel
 from ..quant.omq import CANDIDATE_MODES, CRITERIA
 from ..recon.cache import DenoiserCall, default_call
-from ..recon.progress import fingerprint_of
-from .stages import ForwardLoop
+from .stages import ForwardLoop, recipe_fingerprint
 
 
 @dataclass
@@ -235,15 +234,6 @@ def _stage1_runner(calib_set: CalibrationSet | None, forward_loop: ForwardLoop |
     return loop
 
 
-def _fingerprint(qmodel: QuantModel, config: MPQDMConfig, calib_set: CalibrationSet | None, timesteps) -> str:
-    data = None
-    if calib_set is not None:
-        data = {"n": len(calib_set), "xs": float(calib_set.xs.double().sum()),
-                "xs_abs": float(calib_set.xs.double().abs().sum()), "ts": calib_set.ts.tolist()}
-    return fingerprint_of({"recipe": config.recipe_name, "config": config, "plan": qmodel.plan.to_dict(),
-                           "quant": qmodel.config, "data": data, "timesteps": timesteps})
-
-
 # ---------------------------------------------------------------------- the recipe
 def run_mpqdm(
     qmodel: QuantModel,
@@ -292,7 +282,7 @@ def run_mpqdm(
 
     checkpoint = None
     if work_dir is not None:
-        checkpoint = FinetuneCheckpoint(work_dir, _fingerprint(qmodel, config, calib_set, timesteps))
+        checkpoint = FinetuneCheckpoint(work_dir, recipe_fingerprint(qmodel, config, calib_set, timesteps=timesteps))
     state = checkpoint.read_state() if checkpoint is not None else None
     if state is None:
         records = run_stage1(

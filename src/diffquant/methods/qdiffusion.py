@@ -22,7 +22,6 @@ sets the official code's switches: registration unit order, the split regularise
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,9 @@ from ..quant.ranges import validate_policy
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
 from ..recon.engine import EngineOptions, UnitRecord, reconstruct
 from ..recon.passes import AdaRoundPass, LSQPass
-from ..recon.progress import ReconProgress, fingerprint_of
+from ..recon.progress import ReconProgress
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations
+from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations, recipe_fingerprint
 
 CALIB_POLICIES = ("uniform_interval", "first_n", "middle_n", "last_n", "single_t")
 PASSES = ["weights", "acts"]
@@ -280,18 +279,6 @@ def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: 
         stream_ema(qmodel, data, config.act_ema_momentum, config.act_ema_batch)
 
 
-def _fingerprint(qmodel: QuantModel, config: QDiffusionConfig, calib_set: CalibrationSet) -> str:
-    data = {
-        "n": len(calib_set),
-        "xs": float(calib_set.xs.double().sum()),
-        "xs_abs": float(calib_set.xs.double().abs().sum()),
-        "ts": calib_set.ts.tolist(),
-        "labels": None if calib_set.labels is None else calib_set.labels.tolist(),
-    }
-    return fingerprint_of({"recipe": config.recipe_name, "config": config, "plan": qmodel.plan.to_dict(),
-                           "quant": qmodel.config, "data": data})
-
-
 def run_qdiffusion(
     qmodel: QuantModel,
     forward_loop: ForwardLoop | None = None,
@@ -337,7 +324,7 @@ def run_qdiffusion(
     )
     checkpoints = None
     if work_dir is not None and calib_set is not None:
-        checkpoints = ReconProgress(work_dir, PASSES, _fingerprint(qmodel, config, calib_set))
+        checkpoints = ReconProgress(work_dir, PASSES, recipe_fingerprint(qmodel, config, calib_set))
     resumed = checkpoints.restore(qmodel) if checkpoints is not None else False
 
     records: list[UnitRecord] = []

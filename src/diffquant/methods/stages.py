@@ -59,3 +59,21 @@ def finish_recipe(qmodel: QuantModel, name: str, config, quant, records: list, w
         (Path(work_dir) / "records.json").write_text(json.dumps(qmodel.recon_records, indent=1))
     qmodel.eval()
     return qmodel
+
+
+def recipe_fingerprint(qmodel, config, calib_set=None, **extra) -> str:
+    """What a resumable run's saved progress must match: recipe, its config, the wrap plan, the
+    quantization config and a digest of the calibration data (plus ``extra`` settings)."""
+    from ..recon.progress import fingerprint_of
+
+    data = None
+    if calib_set is not None:
+        data = {
+            "n": len(calib_set),
+            "xs": float(calib_set.xs.double().sum()),
+            "xs_abs": float(calib_set.xs.double().abs().sum()),
+            "ts": calib_set.ts.tolist(),
+            "labels": None if calib_set.labels is None else calib_set.labels.tolist(),
+        }
+    return fingerprint_of({"recipe": config.recipe_name, "config": config, "plan": qmodel.plan.to_dict(),
+                           "quant": qmodel.config, "data": data, **extra})
