@@ -6,6 +6,8 @@ Bad input gives a one-line message and exit code 2 — never a traceback.
 """
 from __future__ import annotations
 
+from .methods import RECIPES
+
 import argparse
 import sys
 
@@ -46,7 +48,7 @@ def add_quantize_parser(sub) -> None:
                                    "run a recipe and save quant_state.safetensors + manifest.json.")
     add_common_model_args(p)
     p.add_argument("--recipe", default="naive",
-                   help="recipe name: naive, qdiffusion, qdiffusion_official, ... (see README)")
+                   help="recipe name: " + ", ".join(sorted(RECIPES)))
     p.add_argument("--recipe-config", default=None, help="YAML file with the recipe's options (e.g. configs/qdiffusion.yaml)")
     p.add_argument("--work-dir", default=None,
                    help="where reconstruction progress is kept; rerun the same command to resume (default OUT/work)")
