@@ -6,12 +6,11 @@ Bad input gives a one-line message and exit code 2 — never a traceback.
 """
 from __future__ import annotations
 
-from .methods import RECIPES
-
 import argparse
 import sys
 
 from .errors import DiffquantError
+from .methods import RECIPES
 
 
 def _bits(value: str) -> int:
