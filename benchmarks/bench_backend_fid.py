@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     noise = abs(rows[0]["fid"] - rows[1]["fid"])
     for tag in args.bits:
         wbits, abits = parse_setting(tag)
-        res = quantize_bundle(bundle, "naive", build_quant_config(wbits, abits, None), CalibConfig(steps=args.steps))
+        res = quantize_bundle(bundle, "naive", build_quant_config(wbits, abits, None, split=False), CalibConfig(steps=args.steps))
         qmodel = res.qmodel.eval()
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "denoiser.onnx"

@@ -12,7 +12,9 @@ kurtosis at 4 bits, the 10 % lowest at 2, the rest at 3 (average exactly 3 bits)
 
 Speed (``--threads`` CPU threads, batch ``--batch``): per denoiser call (median of ``--reps``
 after a warm-up) and per full ``--steps``-step DDIM sample of the whole batch, for
-PyTorch fp32, PyTorch fake-quant, the PyTorch int8 backend, onnxruntime fp32 and onnxruntime int8
+PyTorch fp32, PyTorch fake-quant, the PyTorch int8 backend (eager, and behind ``torch.compile``
+with weight freezing: :func:`diffquant.export.int8_backend.compile_int8`; its one-off compile time
+is reported, not counted in the call time), onnxruntime fp32 and onnxruntime int8
 (``integer`` graphs: ConvInteger/MatMulInteger) at each ``--bits`` setting. Quantized models come
 from the naive recipe calibrated on Gaussian-noise inputs at a few timesteps (timings and sizes do
 not depend on calibration quality). Each backend's denoiser output is compared with the
@@ -24,7 +26,6 @@ fake-quant model's (relative RMS) as a sanity check.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -189,7 +190,7 @@ def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) -> list[dict]:
     from diffquant.diffusion.sampling import sample
-    from diffquant.export.int8_backend import int8_kernels_available, to_int8
+    from diffquant.export.int8_backend import compile_int8, int8_kernels_available, to_int8
     from diffquant.export.onnx_export import export_float_onnx, export_onnx
     from diffquant.export.onnx_runtime import OnnxDenoiser
 
@@ -203,18 +204,25 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
         qmodel = calibrated(bundle, wbits, abits, args.batch)
         backends.append((f"pytorch fake-quant {tag}", qmodel, tag))
         if int8_kernels_available():
-            backends.append((f"pytorch int8 {tag}", to_int8(qmodel), tag))
+            int8 = to_int8(qmodel)
+            backends.append((f"pytorch int8 {tag}", int8, tag))
+            if args.compile:
+                backends.append((f"pytorch int8 + torch.compile {tag}", compile_int8(int8), tag))
         for mode in args.onnx_modes:
             result = export_onnx(qmodel, example, workdir / f"{tag}_{mode}.onnx", mode=mode)
             backends.append((f"onnxruntime {mode} {tag}", OnnxDenoiser(result.paths[0], threads=args.threads), tag))
 
     rows, reference = [], {}
     for name, model, tag in backends:
+        row = {"backend": name, "setting": tag or "fp32"}
+        start = time.perf_counter()
         with torch.no_grad():
             out = bundle.predict_noise(model, x, t, kwargs.get("class_labels"))
+        if "torch.compile" in name:
+            row["compile_s"] = time.perf_counter() - start  # the first call compiles
+            row["compiled"] = bool(model.compiled_ok)
         if name.startswith("pytorch fake-quant"):
             reference[tag] = out
-        row = {"backend": name, "setting": tag or "fp32"}
         with torch.no_grad():
             row["call_s"] = _median_seconds(lambda: bundle.predict_noise(model, x, t, kwargs.get("class_labels")), args.reps)
         if tag is not None and tag in reference:
@@ -230,6 +238,26 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
 
 
 # ------------------------------------------------------------------------------------- report
+TARGET_SPEEDUP = 1.5
+
+
+def speedup_lines(rows: list[dict]) -> list[str]:
+    """Best integer path (PyTorch int8 or onnxruntime integer) vs the best fp32 path, per setting."""
+    fp = [r for r in rows if r["setting"] == "fp32"]
+    lines = []
+    for key, what in (("call_s", "denoiser call"), ("sample_s", "full sample")):
+        if not all(key in r for r in rows):
+            continue
+        best_fp = min(fp, key=lambda r: r[key])
+        for setting in sorted({r["setting"] for r in rows} - {"fp32"}):
+            ints = [r for r in rows if r["setting"] == setting and ("int8" in r["backend"] or "integer" in r["backend"])]
+            if not ints:
+                continue
+            best = min(ints, key=lambda r: r[key])
+            ratio = best_fp[key] / best[key]
+            lines.append(f"- {setting}, per {what}: {best['backend']} is {ratio:.2f}× faster than {best_fp['backend']} "
+                         f"(goal ≥ {TARGET_SPEEDUP}×: {'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}).")
+    return lines
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "deploy.json").write_text(json.dumps(results, indent=1))
@@ -249,8 +277,10 @@ def write_report(results: dict, out: Path) -> None:
             for row in model["speed"]:
                 sample_s = f"{row['sample_s']:.1f}" if "sample_s" in row else "-"
                 rel = f"{row['rel_rms_vs_fake_quant']:.2e}" if "rel_rms_vs_fake_quant" in row else "-"
-                lines.append(f"| {row['backend']} | {row['call_s'] * 1e3:.1f} | {sample_s} | {rel} |")
-            lines.append("")
+                note = f" (compiled in {row['compile_s']:.0f} s)" if row.get("compiled") else (
+                    " (compile failed: eager)" if "compiled" in row else "")
+                lines.append(f"| {row['backend']}{note} | {row['call_s'] * 1e3:.1f} | {sample_s} | {rel} |")
+            lines += [""] + speedup_lines(model["speed"]) + [""]
     (out / "deploy.md").write_text("\n".join(lines) + "\n")
 
 
@@ -259,6 +289,8 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["default", "unet30m"], help="default and/or unet30m")
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"], help="quantized settings to time")
     p.add_argument("--onnx-modes", nargs="+", default=["integer", "qdq"], choices=["integer", "qdq"])
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile'd int8 rows (compiling takes a minute or more per model)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--reps", type=int, default=5)

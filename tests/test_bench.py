@@ -87,3 +87,27 @@ def test_bench_rows_are_labelled_by_recipe_spec(tmp_path, tiny_folder, monkeypat
     rows = run_bench(cfg)["rows"]
     assert [r["recipe"] for r in rows] == ["fp32", "naive", "naive:a_init=ema_minmax"]
     assert rows[1]["eps_mse"] != rows[2]["eps_mse"]  # the override reached the recipe
+
+
+def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeypatch):
+    import diffquant.bench as bench_module
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    real = bench_module.quantize_bundle
+    calls = []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "quantize_bundle", failing_second)
+    cfg = BenchConfig(model=str(tiny_folder), recipes=["naive"], settings=["W8A8", "W4A8"], n=2, steps=2,
+                      batch_size=2, metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
+                      out=str(tmp_path / "bench"))
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg)
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert saved["complete"] is False and [r["setting"] for r in saved["rows"]] == ["W32A32", "W8A8"]
+    assert "partial" in (tmp_path / "bench" / "results.md").read_text()

@@ -133,6 +133,31 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         return evaluate_images(images, labels, reference=reference, extractor=extractor, classifier=classifier,
                                fp_images=fp_images, metrics=metrics, device=device, fd_method=cfg.fd_method)["metrics"]
 
+    def write(complete: bool) -> dict:
+        """results.json / results.md so far: rewritten after every row, so an interrupted run keeps
+        the rows it finished (``complete`` says whether every row is there)."""
+        results = {
+            "model": bundle.name,
+            "complete": complete,
+            "protocol": {"n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta,
+                         "guidance": guidance, "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
+                         "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
+                         "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib)},
+            "rows": rows,
+            "eps_mse_curves": curves,
+            "environment": environment_record(),
+            "command": " ".join(sys.argv),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+        status = "" if complete else "\n\n(partial: the run has not finished every row yet)"
+        (out / "results.md").write_text(
+            f"# {bundle.name}: {', '.join(cfg.recipes)} × {', '.join(cfg.settings)}\n\n"
+            f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
+            f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{rows_markdown(rows)}"
+            f"{status}\n\nCommand: `{results['command']}`\n"
+        )
+        return results
+
     print(f"[bench] {bundle.name}: full precision, {cfg.n} samples")
     t0 = time.perf_counter()
     fp = sample(bundle, cfg.n, **sample_kw)
@@ -162,25 +187,9 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
                    "size_mb": round(model_size_mb(res.qmodel), 3)}
             rows.append(row)
             grids.append(qs.images[:per_row])
-    results = {
-        "model": bundle.name,
-        "protocol": {"n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta,
-                     "guidance": guidance, "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
-                     "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
-                     "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib)},
-        "rows": rows,
-        "eps_mse_curves": curves,
-        "environment": environment_record(),
-        "command": " ".join(sys.argv),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+            write(complete=False)
+    results = write(complete=True)
     table = rows_markdown(rows)
-    (out / "results.md").write_text(
-        f"# {bundle.name}: {', '.join(cfg.recipes)} × {', '.join(cfg.settings)}\n\n"
-        f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
-        f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{table}\n\n"
-        f"Command: `{results['command']}`\n"
-    )
     save_grid(out / "comparison.png", np.concatenate(grids), nrow=per_row)
     _plots(rows, curves, out)
     print(table)

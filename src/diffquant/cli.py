@@ -101,6 +101,8 @@ def _run_main(args) -> int:
 def _run_sample(args) -> int:
     from .diffusion.sample_cli import run_sample
 
+    if args.compile and args.backend != "int8":
+        raise DiffquantError("--compile applies to --backend int8")
     if args.quantized is None:
         if args.backend != "fake":
             raise DiffquantError("--backend int8 needs --quantized CHECKPOINT")
@@ -111,9 +113,11 @@ def _run_sample(args) -> int:
 
         qmodel = load(bundle.unet, args.quantized, device=args.device)
         if args.backend == "int8":
-            from .export.int8_backend import to_int8
+            from .export.int8_backend import compile_int8, to_int8
 
             qmodel = to_int8(qmodel)
+            if args.compile:
+                qmodel = compile_int8(qmodel)
         return bundle.with_unet(qmodel)
 
     return run_sample(args, prepare=prepare)
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="a quantized checkpoint directory (from `diffquant quantize`) to sample from")
     sample_parser.add_argument("--backend", default="fake", choices=["fake", "int8"],
                                help="fake = simulated quantization; int8 = integer CPU kernels where available")
+    sample_parser.add_argument("--compile", action="store_true",
+                               help="with --backend int8: torch.compile the int8 model (fuses the float work around "
+                                    "the int8 kernels; compiling takes a minute or more)")
     sample_parser.set_defaults(handler=_run_sample)
     from .export.export_cli import add_export_parser
 

@@ -116,3 +116,39 @@ def test_sampling_with_the_int8_model(calibrated_unet):
 def test_bad_input_is_refused(make_unet):
     with pytest.raises(ConfigError, match="QuantModel"):
         to_int8(make_unet())
+
+
+def test_compiled_int8_model_matches_eager():
+    """torch.compile (inductor, weight freezing) of an int8 model gives the eager int8 outputs."""
+    from diffquant.export.int8_backend import compile_int8
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(6, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 8, 3, padding=1)).eval()
+    x = torch.randn(4, 6, 10, 10)
+    qmodel = quantize(net, QuantConfig(weight_bits=8, act_bits=8), example_inputs=((x,), {}))
+    run_naive(qmodel, lambda m: m(x))
+    int8 = to_int8(qmodel)
+    compiled = compile_int8(int8)
+    with torch.no_grad():
+        eager, got = int8(x), compiled(x)
+    assert compiled.compiled_ok is True
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+    with pytest.raises(ConfigError):
+        compile_int8(qmodel)  # only models from to_int8()
+
+
+def test_compiled_int8_falls_back_to_eager_when_inductor_fails(calibrated_unet, unet_inputs):
+    from diffquant.export.int8_backend import compile_int8
+
+    _, qmodel = calibrated_unet(8, 8)
+    int8 = to_int8(qmodel)
+    compiled = compile_int8(int8)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lowering failed")
+
+    compiled.__dict__["_compiled"] = broken
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        got = _call(compiled, unet_inputs)
+    assert compiled.compiled_ok is False
+    assert torch.equal(got, _call(int8, unet_inputs))
