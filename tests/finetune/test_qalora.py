@@ -21,16 +21,9 @@ from diffquant.finetune.qalora import (
 from diffquant.methods.mpqdm import EfficientDMConfig, MPQDMConfig, run_mpqdm
 from diffquant.model import quantize
 from diffquant.quant.variants import MixedBitQuantizer
-from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 K = 4
 TINY = dict(lora_rank=4, stage1_batch=16, batch_size=2, guidance=2.0, steps=K)
-
-
-@pytest.fixture(scope="module")
-def bundle(make_unet):
-    return DiffusionBundle("tiny", make_unet(), linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,
-                           call_convention=CALL_DIFFUSERS)
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,11 @@ from diffquant.methods.edadm import (
 )
 from diffquant.model import load, quantize, save
 from diffquant.recon import ReconProgress
-from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 #: tiny iteration counts; the symmetric 1-D search keeps the 8-bit activation init fast
 TINY = dict(iters=3, batch_size=4, tdac_n=6, tdac_b=4, tdac_radius=0.05, act_init_batch=8, eval_samples=8,
             range_search="symmetric_1d")
-
-
-@pytest.fixture(scope="module")
-def bundle(make_unet):
-    unet = make_unet()  # 3 class embeddings: classes 0, 1 and the null class 2
-    return DiffusionBundle("tiny", unet, linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,
-                           call_convention=CALL_DIFFUSERS)
 
 
 @pytest.fixture(scope="module")

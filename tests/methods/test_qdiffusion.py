@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffquant.calib.capture import capture_trajectories
 from diffquant.config import QuantConfig, load_yaml
 from diffquant.diffusion.sampling import sample
 from diffquant.errors import ConfigError
@@ -22,23 +21,9 @@ from diffquant.methods.qdiffusion import (
 from diffquant.methods.stages import init_weight_quantizers
 from diffquant.model import load, quantize, save
 from diffquant.recon import CalibrationCalls, ReconProgress
-from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = dict(iters_w=3, iters_a=3, batch_size=4, cali_st=2, cali_n=4, act_init_n=6, eval_samples=8)
-
-
-@pytest.fixture(scope="module")
-def bundle(make_unet):
-    unet = make_unet()  # 3 class embeddings: classes 0, 1 and the null class 2
-    return DiffusionBundle("tiny", unet, linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,
-                           call_convention=CALL_DIFFUSERS)
-
-
-@pytest.fixture(scope="module")
-def trajectories(bundle, tmp_path_factory):
-    return capture_trajectories(bundle, 4, steps=4, guidance=2.0, batch_size=4, progress=False,
-                                cache_dir=tmp_path_factory.mktemp("traj"))
 
 
 def wrap(bundle, config: QDiffusionConfig, wbits=4, abits=8):
