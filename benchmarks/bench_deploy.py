@@ -206,7 +206,7 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
         if int8_kernels_available():
             int8 = to_int8(qmodel)
             backends.append((f"pytorch int8 {tag}", int8, tag))
-            if args.compile:
+            if args.compile and (args.compile_models is None or bundle.name in args.compile_models):
                 backends.append((f"pytorch int8 + torch.compile {tag}", compile_int8(int8), tag))
         for mode in args.onnx_modes:
             result = export_onnx(qmodel, example, workdir / f"{tag}_{mode}.onnx", mode=mode)
@@ -291,6 +291,8 @@ def parse_args(argv=None):
     p.add_argument("--onnx-modes", nargs="+", default=["integer", "qdq"], choices=["integer", "qdq"])
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile'd int8 rows (compiling takes a minute or more per model)")
+    p.add_argument("--compile-models", nargs="+", default=None,
+                   help="models that get the torch.compile'd int8 rows (default: all)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--reps", type=int, default=5)
