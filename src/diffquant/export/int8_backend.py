@@ -227,14 +227,17 @@ class CompiledInt8(nn.Module):
         self.eager = model
         self.int8_report = model.int8_report
         # kept out of the module tree (it wraps ``eager``, whose tensors are registered already)
-        self.__dict__["_compiled"] = torch.compile(model, dynamic=False, options={"freezing": True})
+        self.__dict__["_compiled"] = torch.compile(model, dynamic=False)
         #: None until the first call; then whether the compiled graph is in use
         self.compiled_ok: bool | None = None
 
     def forward(self, *args, **kwargs):
         if self.compiled_ok is not False:
             try:
-                out = self._compiled(*args, **kwargs)
+                # freezing (packed int8 weights as graph constants) is required by inductor's
+                # oneDNN int8 lowerings; patched per call, so no global setting changes
+                with _inductor_freezing():
+                    out = self._compiled(*args, **kwargs)
                 self.compiled_ok = True
                 return out
             except Exception as exc:  # inductor lowering errors have many types
@@ -244,6 +247,12 @@ class CompiledInt8(nn.Module):
                 warnings.warn(f"torch.compile of the int8 model failed ({first[:200]}); running it eagerly")
                 self.compiled_ok = False
         return self.eager(*args, **kwargs)
+
+
+def _inductor_freezing():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
 
 
 def compile_int8(model: nn.Module) -> CompiledInt8:
