@@ -162,14 +162,10 @@ class MPQDMConfig:
         return all_steps(cache, n)
 
     def finetune_options(self, steps: int, guidance: float) -> FinetuneOptions:
-        return FinetuneOptions(
-            epochs=self.epochs, steps=steps, batch_size=self.batch_size, guidance=guidance, seed=self.seed,
-            lora_lr_divisor=self.lora_lr_divisor, lora_lr=self.lora_lr, weight_lr=self.weight_lr,
-            act_lr=self.act_lr, weight_decay=self.weight_decay,
-            learn_weight_zero_point=self.learn_weight_zero_point, trd=self.trd, trd_grad=self.trd_grad,
-            trd_n=self.trd_n, trd_tau=self.trd_tau, trd_weight=self.trd_weight, trd_loss=self.trd_loss,
-            trd_feature=self.trd_feature,
-        )
+        """The loop's options: every FinetuneOptions field this config shares by name, plus K and g."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneOptions)
+                  if hasattr(self, f.name) and f.name not in ("steps", "guidance")}
+        return FinetuneOptions(steps=steps, guidance=guidance, **shared)
 
 
 @dataclass
