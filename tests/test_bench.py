@@ -89,6 +89,21 @@ def test_bench_rows_are_labelled_by_recipe_spec(tmp_path, tiny_folder, monkeypat
     assert rows[1]["eps_mse"] != rows[2]["eps_mse"]  # the override reached the recipe
 
 
+def test_extra_rows_follow_the_matrix_at_their_own_settings(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    cfg = BenchConfig(model=str(tiny_folder), recipes=["naive"], settings=["W8A8"], n=2, steps=2, batch_size=2,
+                      metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
+                      rows=[["w4a32", "naive:a_init=ema_minmax"]], out=str(tmp_path / "bench"))
+    rows = run_bench(cfg)["rows"]
+    assert [(r["recipe"], r["setting"]) for r in rows] == [
+        ("fp32", "W32A32"), ("naive", "W8A8"), ("naive:a_init=ema_minmax", "W4A32")]
+    assert rows[2]["size_mb"] < rows[1]["size_mb"]  # the row really ran at 4-bit weights
+    assert "naive:a_init=ema_minmax W4A32" in (tmp_path / "bench" / "results.md").read_text()
+    bad = BenchConfig(model=str(tiny_folder), rows=[["W4A8"]], out=str(tmp_path / "bad"))
+    with pytest.raises(ConfigError):
+        run_bench(bad)
+
+
 def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeypatch):
     import diffquant.bench as bench_module
 

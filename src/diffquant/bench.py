@@ -49,6 +49,9 @@ class BenchConfig:
     #: samples whose trajectories give the per-timestep ε-MSE curve
     eps_n: int = 64
     split: bool = False
+    #: extra (setting, recipe spec) rows after the recipes × settings matrix, for ablations that
+    #: only make sense at one setting (e.g. ``["W4A8", "qdiffusion:split=false"]``)
+    rows: list[list[str]] = field(default_factory=list)
     calib: CalibConfig = field(default_factory=CalibConfig)
     out: str = "runs/bench"
 
@@ -113,8 +116,12 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     if dataset is None and needs_reference:
         raise ConfigError(f"no reference data set is known for {bundle.name}; pass --metrics with no FID metrics")
     guidance = default_guidance(bundle) if cfg.guidance is None else cfg.guidance
-    parsed = [(s.upper(), *parse_setting(s)) for s in cfg.settings]
-    specs = [(spec, *parse_recipe_spec(spec)) for spec in cfg.recipes]  # bad specs fail before any work
+    # bad settings and specs fail before any work
+    plan = [(spec, *parse_recipe_spec(spec), s.upper(), *parse_setting(s)) for spec in cfg.recipes for s in cfg.settings]
+    for pair in cfg.rows:
+        if len(pair) != 2:
+            raise ConfigError(f"a bench row is [SETTING, RECIPE_SPEC], got {pair!r}")
+        plan.append((pair[1], *parse_recipe_spec(pair[1]), pair[0].upper(), *parse_setting(pair[0])))
     extractor = InceptionFeatures(device=device) if needs_reference else None
     reference = None
     if needs_reference:
@@ -151,13 +158,15 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
         status = "" if complete else "\n\n(partial: the run has not finished every row yet)"
         (out / "results.md").write_text(
-            f"# {bundle.name}: {', '.join(cfg.recipes)} × {', '.join(cfg.settings)}\n\n"
+            f"# {bundle.name}: {title}\n\n"
             f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
             f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{rows_markdown(rows)}"
             f"{status}\n\nCommand: `{results['command']}`\n"
         )
         return results
 
+    title = "; ".join(([f"{', '.join(cfg.recipes)} × {', '.join(cfg.settings)}"] if cfg.recipes else [])
+                      + [f"{spec} {setting.upper()}" for setting, spec in cfg.rows])
     print(f"[bench] {bundle.name}: full precision, {cfg.n} samples")
     t0 = time.perf_counter()
     fp = sample(bundle, cfg.n, **sample_kw)
@@ -169,25 +178,25 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     curves = {}
     per_row = min(10, cfg.n)
     grids = [fp.images[:per_row]]
-    for recipe, name, recipe_config in specs:
-        for tag, wbits, abits in parsed:
-            print(f"[bench] {recipe} {tag}: calibrating")
-            quant = build_quant_config(wbits, abits, None, split=cfg.split)
-            res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config)
-            qbundle = bundle.with_unet(res.qmodel)
-            t0 = time.perf_counter()
-            qs = sample(qbundle, cfg.n, **sample_kw)
-            sample_s = time.perf_counter() - t0
-            save_samples(qs, out / "samples" / f"{recipe}-{tag}")
-            curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
-            curves[f"{recipe} {tag}"] = curve
-            row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp.images),
-                   "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
-                   "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "size_mb": round(model_size_mb(res.qmodel), 3)}
-            rows.append(row)
-            grids.append(qs.images[:per_row])
-            write(complete=False)
+    for recipe, name, recipe_config, tag, wbits, abits in plan:
+        print(f"[bench] {recipe} {tag}: calibrating")
+        quant = build_quant_config(wbits, abits, None, split=cfg.split)
+        res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config)
+        qbundle = bundle.with_unet(res.qmodel)
+        t0 = time.perf_counter()
+        qs = sample(qbundle, cfg.n, **sample_kw)
+        sample_s = time.perf_counter() - t0
+        save_samples(qs, out / "samples" / f"{recipe}-{tag}")
+        curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
+        curves[f"{recipe} {tag}"] = curve
+        row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp.images),
+               "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
+               "capture_s": round(res.timings.get("capture_s", 0.0), 1),
+               "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "size_mb": round(model_size_mb(res.qmodel), 3)}
+        rows.append(row)
+        grids.append(qs.images[:per_row])
+        write(complete=False)
     results = write(complete=True)
     table = rows_markdown(rows)
     save_grid(out / "comparison.png", np.concatenate(grids), nrow=per_row)
@@ -267,8 +276,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--model", default="mnist-resunet")
     p.add_argument("--assets", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--recipes", nargs="+", default=["naive"],
-                   help="recipe specs: NAME, NAME@config.yaml, NAME:key=value,key=value (e.g. qdiffusion:split=false)")
+    p.add_argument("--recipes", nargs="+", default=None,
+                   help="recipe specs: NAME, NAME@config.yaml, NAME:key=value,key=value (e.g. qdiffusion:split=false); "
+                        "default naive, or none when --row is given")
     p.add_argument("--settings", nargs="+", default=["W8A8", "W4A8"])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--ref-n", type=int, default=None, help="reference images (default: the whole test split)")
@@ -279,6 +289,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--calib-n", type=int, default=64)
     p.add_argument("--calib-every", type=int, default=5)
     p.add_argument("--split", action="store_true")
+    p.add_argument("--row", nargs=2, action="append", default=[], metavar=("SETTING", "RECIPE_SPEC"),
+                   help="one extra row after the recipes × settings matrix (repeatable), e.g. "
+                        "--row W4A8 qdiffusion:split=false")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(handler=_run)
 
@@ -286,7 +299,8 @@ def add_bench_parser(sub) -> None:
 def _run(args) -> int:
     if args.n <= 0 or (args.ref_n is not None and args.ref_n <= 0):
         raise ConfigError("--n and --ref-n must be positive")
-    cfg = BenchConfig(model=args.model, recipes=args.recipes, settings=args.settings, n=args.n, steps=args.steps,
+    recipes = args.recipes if args.recipes is not None else ([] if args.row else ["naive"])
+    cfg = BenchConfig(model=args.model, recipes=recipes, rows=[list(r) for r in args.row], settings=args.settings, n=args.n, steps=args.steps,
                       ref_n=args.ref_n, metrics=args.metrics, fd_method=args.fd_method, split=args.split,
                       calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out)
     run_bench(cfg, device=args.device, assets=args.assets)
