@@ -16,6 +16,7 @@ from diffquant.methods.stages import init_weight_quantizers
 from diffquant.model import load, quantize, save
 from diffquant.quant.variants import PTSQuantizer
 from diffquant.recon import CalibrationCalls, ReconProgress
+from diffquant.recon.les import les_layers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = dict(les_iters=4, iters_w=3, batch_size=4, cali_n=4, act_init_n=2, act_batch=4, eval_samples=8)
@@ -218,10 +219,11 @@ def test_official_preset_and_config_errors():
     assert official.unit_order == "registration" and not official.fold_les and official.recipe_name == "dmq_official"
     with pytest.raises(ConfigError, match="independent_trajectories_per_step"):
         DMQConfig(independent_trajectories_per_step=True)
-    for bad in (dict(pts="sometimes"), dict(time_weight="exp"), dict(pts_kappa=1.5), dict(les_scope="block"),
+    for bad in (dict(pts="sometimes"), dict(time_weight="exp"), dict(pts_kappa=1.5), dict(les_scope="model"),
                 dict(timestep_lookup="linear"), dict(cali_st=0)):
         with pytest.raises(ConfigError):
             DMQConfig(**bad)
+    assert DMQConfig(les_scope="block").les_scope == "block"
     assert DMQConfig(pts_layers="skip_connection").pts_layers == DMQConfig().pts_layers
     with pytest.raises(ConfigError, match="calibration set"):
         run_dmq(None, None, DMQConfig())
@@ -242,3 +244,102 @@ def test_pipeline_runs_the_recipe(bundle, tmp_path):
     assert res.qmodel.recipe == "dmq" and res.qmodel.config.split
     assert len(res.qmodel.timestep_index.timesteps) == 4  # all_steps: every sampler step
     assert (tmp_path / "work" / "progress" / "progress.json").is_file()
+
+
+def test_smoothquant_alpha_options():
+    assert DMQConfig().smoothquant_alpha is None
+    assert DMQConfig(les=False, smoothquant_alpha=1).smoothquant_alpha == 1.0
+    with pytest.raises(ConfigError, match="les=False"):
+        DMQConfig(smoothquant_alpha=0.5)  # LES is on by default: the two are exclusive
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ConfigError, match="smoothquant_alpha"):
+            DMQConfig(les=False, smoothquant_alpha=bad)
+
+
+def test_smoothquant_yaml_loads(tmp_path):
+    path = tmp_path / "sq.yaml"
+    path.write_text("les: false\nsmoothquant_alpha: 0.5\nles_scope: block\n")
+    config = load_yaml(DMQConfig, path)
+    assert config.smoothquant_alpha == 0.5 and not config.les and config.les_scope == "block"
+    path.write_text("smoothquant_alpha: 0.5\n")
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_yaml(DMQConfig, path)
+
+
+def _float_input_max(bundle, calib, name: str) -> torch.Tensor:
+    """max |X_c| of the float UNet's layer ``name`` over the calibration set, by hand."""
+    seen = []
+    handle = bundle.unet.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            x, t, labels = calib[0:len(calib)]
+            bundle.predict_noise(bundle.unet, x, t, labels)
+    finally:
+        handle.remove()
+    return torch.cat([s.abs().amax(dim=(0, 2, 3)).reshape(1, -1) for s in seen]).amax(dim=0)
+
+
+def test_smoothquant_baseline_end_to_end(bundle, trajectories):
+    config = DMQConfig(les=False, smoothquant_alpha=0.5, **TINY)
+    qmodel, calib = calibrate(bundle, trajectories, config)
+    layers = qmodel.layers()
+    names = [r["name"] for r in qmodel.recon_records if r["pass_name"] == "smoothquant"]
+    assert names and not any(r["pass_name"] == "les" for r in qmodel.recon_records)
+    covered = [n for n, layer in layers.items() if layer.input_scale is not None]
+    assert names == covered
+    assert not any(n in FP_LAYERS or n.endswith("time_emb_proj") for n in covered)
+    # τ is the formula on the float model's calibration inputs
+    name = "down_blocks.0.resnets.0.conv1"
+    w_max = bundle.unet.get_submodule(name).weight.detach().abs().amax(dim=(0, 2, 3))
+    want = (_float_input_max(bundle, calib, name).sqrt() / w_max.sqrt())
+    torch.testing.assert_close(layers[name].input_scale, want, rtol=1e-4, atol=1e-6)
+    # the rest of the recipe ran on top of it, and with quantization off the model is the float one
+    assert {r["pass_name"] for r in qmodel.recon_records} == {"smoothquant", "weights", "acts", "pts"}
+    x, t, labels = calib[0:4]
+    qmodel.set_quant_state(weights=False, acts=False)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.predict_noise(qmodel, x, t, labels),
+                                   bundle.predict_noise(bundle.unet, x, t, labels), rtol=1e-4, atol=1e-4)
+    qmodel.set_quant_state(weights=True, acts=True)
+
+
+def test_block_scope_les_end_to_end(bundle, trajectories):
+    qmodel, _ = calibrate(bundle, trajectories, DMQConfig(les_scope="block", **TINY))
+    layers = qmodel.layers()
+    les = [r for r in qmodel.recon_records if r["pass_name"] == "les"]
+    units = {u.name: u for u in qmodel.plan.units}
+    # one record per reconstruction unit holding LES layers, every LES layer inside one of them
+    assert les and all(r["name"] in units and r["iterations"] == 4 for r in les)
+    assert any(r["kind"] == "block" for r in les)
+    covered = [n for r in les for n in units[r["name"]].layers if layers[n].input_scale is not None]
+    assert sorted(covered) == sorted(les_layers(qmodel))
+    for name in covered:
+        assert not torch.equal(layers[name].input_scale, torch.ones_like(layers[name].input_scale)), name
+    assert all("forward" not in layer.__dict__ for layer in layers.values())
+    assert [r["name"] for r in qmodel.recon_records if r["pass_name"] == "acts"] == [f"step{k}" for k in range(4)]
+
+
+@pytest.mark.parametrize("overrides, stop_pass", [(dict(les_scope="block"), "les"),
+                                                  (dict(les=False, smoothquant_alpha=0.5), "smoothquant")])
+def test_resume_with_block_les_or_smoothquant(bundle, trajectories, tmp_path, monkeypatch, overrides, stop_pass):
+    config = DMQConfig(**{**TINY, **overrides})
+    expected, _ = calibrate(bundle, trajectories, config)
+
+    class Stop(Exception):
+        pass
+
+    original = ReconProgress.save
+
+    def save_then_stop(self, qm, pass_name, *args, **kwargs):
+        original(self, qm, pass_name, *args, **kwargs)
+        if pass_name == stop_pass:  # right after the first block / the SmoothQuant checkpoint
+            raise Stop
+
+    monkeypatch.setattr(ReconProgress, "save", save_then_stop)
+    with pytest.raises(Stop):
+        calibrate(bundle, trajectories, config, work_dir=tmp_path)
+    monkeypatch.setattr(ReconProgress, "save", original)
+    resumed, _ = calibrate(bundle, trajectories, config, work_dir=tmp_path)
+    want, got = expected.quant_state_dict(), resumed.quant_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["final_loss"] for r in resumed.recon_records] == [r["final_loss"] for r in expected.recon_records]

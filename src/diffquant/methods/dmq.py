@@ -10,8 +10,11 @@ split shortcuts on; asymmetric grids, ``lp_shrink`` weights):
    activation quantizer gets one table row per step (``per_step_acts``), looked up from the t
    given to the denoiser (§1.7: an unknown t raises; ``timestep_lookup="nearest"`` maps it to the
    nearest calibrated step);
-2. LES (:mod:`diffquant.recon.les`), layer by layer, with adaptive timestep weighting
-   (:mod:`diffquant.recon.time_weight`): τ for every quantized layer, PTS layers included;
+2. LES (:mod:`diffquant.recon.les`), layer by layer (``les_scope="layer"``) or with the τ of
+   each block learned jointly against the block's float output (``les_scope="block"``), with
+   adaptive timestep weighting (:mod:`diffquant.recon.time_weight`): τ for every quantized layer,
+   PTS layers included. The SmoothQuant baseline (``smoothquant_alpha``, with ``les=False``) puts
+   τ_c = max|X_c|^α / max|W_c|^(1−α) from the float calibration inputs in the same slot instead;
 3. the weight quantizers re-initialised on W·τ (``lp_shrink``, per channel), then the shared
    BRECQ/AdaRound weight pass (inputs x_in^q of the weight-quantized prefix, targets y^fp, L2,
    no timestep weighting);
@@ -26,8 +29,8 @@ split shortcuts on; asymmetric grids, ``lp_shrink`` weights):
    so the checkpoint loads onto the original float weights; :func:`diffquant.export.fold_input_scales`
    gives the folded deployment form, which ``fold_les`` asks exporters for).
 
-Every stage checkpoints into ``work_dir`` (per LES layer, per weight unit, per calibrated step,
-per PTS layer) and a rerun resumes there.
+Every stage checkpoints into ``work_dir`` (per LES layer or block, after SmoothQuant, per weight
+unit, per calibrated step, per PTS layer) and a rerun resumes there.
 
 ``dmq_official`` (:class:`DMQOfficialConfig`) sets what the official code does differently and
 the library can reproduce: registration unit order and explicit (unfolded) τ. Its fresh noise per
@@ -59,7 +62,7 @@ from ..quant.timestep import LOOKUP_MODES
 from ..quant.variants import PTSQuantizer, replace_module
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
 from ..recon.engine import EngineOptions, UnitRecord, reconstruct
-from ..recon.les import LESOptions, les_layers, run_les
+from ..recon.les import LES_SCOPES, SMOOTHQUANT_PASS, LESOptions, les_layers, run_les, run_smoothquant
 from ..recon.passes import AdaRoundPass
 from ..recon.progress import ReconProgress
 from ..recon.state import quant_state
@@ -70,9 +73,8 @@ from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, recipe_f
 
 log = logging.getLogger("diffquant.methods")
 
-PASSES = ["les", "weights", "acts", "pts"]
+PASSES = ["les", SMOOTHQUANT_PASS, "weights", "acts", "pts"]
 PTS_MODES = ("off",) + PTS_SELECTIONS
-LES_SCOPES = ("layer",)
 #: residual shortcut convs: diffusers ``conv_shortcut``, CompVis ``skip_connection``, DDIM
 #: ``nin_shortcut``, mnist-resunet ``residual_conv``
 DEFAULT_PTS_LAYERS = ["*shortcut*", "*skip*", "*residual_conv*"]
@@ -116,7 +118,8 @@ class DMQConfig:
 
     # -- LES (§5.1) and timestep weighting (§5.2)
     les: bool = True
-    #: layer (block-wise LES is not implemented)
+    #: layer (each layer's τ against its own float output; the paper's) | block (the τ of a
+    #: reconstruction block's layers learned jointly against the block's float output)
     les_scope: str = "layer"
     les_iters: int = 6000
     les_lr: float = 1e-3
@@ -124,6 +127,10 @@ class DMQConfig:
     time_weight: str = "focal"
     alpha: float = 20.0
     momentum: float = 0.95
+    #: SmoothQuant baseline (§5.1, §8 smoothquant_baseline(alpha)): None = off; α in [0, 1] sets
+    #: τ_c = max|X_c|^α / max|W_c|^(1−α) (float calibration inputs) on every layer LES would
+    #: cover instead of learning it. It replaces LES, so it needs les=False (both set: ConfigError)
+    smoothquant_alpha: float | None = None
 
     # -- weight reconstruction (§5.3)
     weight_recon: bool = True
@@ -202,7 +209,22 @@ class DMQConfig:
             raise ConfigError(f"pts_kappa must be in [0, 1], got {self.pts_kappa}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+        self._check_smoothquant()
         CacheOptions(dtype=self.cache_dtype, storage=self.cache_storage, memory_limit_mb=self.cache_memory_mb)
+
+    def _check_smoothquant(self) -> None:
+        a = self.smoothquant_alpha
+        if a is None:
+            return
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise ConfigError(f"smoothquant_alpha must be a number in [0, 1] or null (off), got {a!r}")
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"smoothquant_alpha must be in [0, 1], got {a}")
+        if self.les:
+            raise ConfigError(
+                "smoothquant_alpha replaces LES's learned τ with SmoothQuant's fixed τ, so the two are exclusive: "
+                "set les=False to run the SmoothQuant baseline, or smoothquant_alpha=None to learn τ")
+        self.smoothquant_alpha = float(a)
 
     @property
     def recipe_name(self) -> str:
@@ -498,10 +520,11 @@ def run_dmq(
             :meth:`DMQConfig.select_calibration`; for CFG models with each (x_t, t) once with its
             label and once with the null label (:meth:`CalibrationSet.with_uncond`).
         call: ``call(model, x, t, labels)`` runs the denoiser (e.g. ``bundle.predict_noise``).
-        fp_model: the float model (same module names) for LES inputs/targets, x_in^fp and y^fp;
-            default: ``qmodel`` with quantization switched off.
-        work_dir: checkpoints after every LES layer, weight unit, calibrated step and PTS layer go
-            to ``<work_dir>/progress``; a run with the same ``work_dir`` and settings resumes there.
+        fp_model: the float model (same module names) for LES inputs/targets (SmoothQuant's
+            input maxima), x_in^fp and y^fp; default: ``qmodel`` with quantization switched off.
+        work_dir: checkpoints after every LES layer (block), SmoothQuant, every weight unit,
+            calibrated step and PTS layer go to ``<work_dir>/progress``; a run with the same
+            ``work_dir`` and settings resumes there.
     """
     config = config or DMQConfig()
     if calib_set is None:
@@ -519,7 +542,8 @@ def run_dmq(
     if acts:
         use_activation_tables(qmodel, schedule if config.per_step_acts else None)
     layers = qmodel.layers()
-    les_names = les_layers(qmodel) if config.les else []
+    smoothquant = config.smoothquant_alpha is not None
+    les_names = les_layers(qmodel) if config.les or smoothquant else []
     for name in les_names:
         if layers[name].input_scale is None:
             attach_input_scale(layers[name])
@@ -537,10 +561,13 @@ def run_dmq(
         checkpoints.restore(qmodel)
 
     records: list[UnitRecord] = []
-    if les_names:
+    if les_names and smoothquant:
+        records += run_smoothquant(qmodel, data, config.smoothquant_alpha, layers=les_names, fp_model=fp_model,
+                                   batch_size=cache.batch_size, progress=checkpoints)
+    elif les_names:
         les_options = LESOptions(
             iters=config.les_iters, batch_size=config.batch_size, lr=config.les_lr, time_weight=config.time_weight,
-            alpha=config.alpha, momentum=config.momentum, seed=config.seed, device=device,
+            alpha=config.alpha, momentum=config.momentum, scope=config.les_scope, seed=config.seed, device=device,
             eval_samples=config.eval_samples, cache=cache, progress=progress,
         )
         records += run_les(qmodel, data, buckets, len(schedule), les_options, layers=les_names, fp_model=fp_model,

@@ -1,4 +1,5 @@
-"""DMQ's Learned Equivalent Scaling (LES, METHODS.md §5.1), layer by layer.
+"""DMQ's Learned Equivalent Scaling (LES, METHODS.md §5.1), layer by layer or block by block,
+and the SmoothQuant baseline that fills the same τ slot without learning (§5.1, §8).
 
 Every layer ``l`` that LES covers carries a per-input-channel scale τ
 (:func:`~diffquant.nn.layers.attach_input_scale`, init 1) and computes Q(x/τ)·Q(W·τ), which equals
@@ -18,18 +19,38 @@ reproduces the float one:
 - Adam on τ only, cosine annealing to 0 over the iterations; each iteration takes B distinct
   random cached samples. τ has no positivity constraint (as in the official code).
 
+Scopes (:attr:`LESOptions.scope`):
+
+- ``layer`` (the paper and the code): each layer's τ on its own, against the layer's float
+  output (:func:`learn_layer_scale`);
+- ``block``: for each reconstruction unit (:func:`~diffquant.recon.units.make_units`, granularity
+  ``block``: the outermost blocks, leftover layers as units of their own) the τ of all its LES
+  layers are learned jointly against the **block's** float output, on the block's float inputs
+  (:func:`learn_block_scales`). Every quantized layer in the block runs with the dynamic
+  quantizers above (those without τ included); other quantizers in the block (attention
+  matmuls) stay in floating point. Optimiser, schedule, batches and timestep weighting are the
+  layer scope's.
+
+SmoothQuant (:func:`run_smoothquant`) instead sets τ_c = max|X_c|^α / max|W_c|^(1−α) from one
+pass of the float model over the calibration set (:func:`~diffquant.quant.omq.smooth_scales`:
+X's maximum over batch and space, W's over output channels and kernel positions, both floored at
+1e-5 so τ is finite and nonzero).
+
 The stored quantizers are not touched here: after LES the recipe re-initialises the weight
 quantizers on W·τ and calibrates the activation quantizers on x/τ.
 
-Determinism: layer i is trained inside ``torch.random.fork_rng`` with a seed derived from
-(seed, "les", i) and its batches come from a generator with the same seed, so a run resumed from
-a per-layer checkpoint ends where an uninterrupted one does.
+Determinism: layer (block) i is trained inside ``torch.random.fork_rng`` with a seed derived
+from (seed, "les", i) and its batches come from a generator with the same seed, so a run resumed
+from a per-layer (per-block) checkpoint ends where an uninterrupted one does.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +59,32 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
-from ..nn.layers import QuantLayer
+from ..nn.layers import QuantLayer, attach_input_scale
 from ..quant.affine import MIN_STEP, round_ste
-from .cache import CacheOptions, CalibrationCalls, TensorStore, _Budget, CACHE_DTYPES
+from ..quant.omq import smooth_scales
+from .cache import (
+    CACHE_DTYPES,
+    CacheOptions,
+    CalibrationCalls,
+    TensorStore,
+    UnitCache,
+    _Budget,
+    build_unit_cache,
+    first_tensor,
+)
 from .engine import UnitRecord, _fork_devices, eval_indices, unit_seed
 from .progress import ReconProgress
 from .state import quant_state
 from .time_weight import TIME_WEIGHTS, TimestepWeighting, per_sample_loss
+from .units import Unit, make_units
 
 log = logging.getLogger("diffquant.recon")
 PASS_NAME = "les"
+SMOOTHQUANT_PASS = "smoothquant"
+#: layer: each layer's τ against its own output | block: a unit's τ jointly against its output
+LES_SCOPES = ("layer", "block")
+#: sample indices -> per-sample losses [B] (what one LES problem minimises)
+LossFn = Callable[[Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------- dynamic quantizers
@@ -218,6 +255,8 @@ class LESOptions:
     time_weight: str = "focal"
     alpha: float = 20.0
     momentum: float = 0.95
+    #: layer (each layer's τ against its own output) | block (a unit's τ jointly against its output)
+    scope: str = "layer"
     seed: int = 0
     device: str | torch.device = "cpu"
     #: cached samples on which each layer's initial / final (unweighted) loss is reported
@@ -234,17 +273,89 @@ class LESOptions:
             raise ConfigError(f"LES learning rate must be >= 0, got {self.lr}")
         if self.time_weight not in TIME_WEIGHTS:
             raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
+        if self.scope not in LES_SCOPES:
+            raise ConfigError(f"LES scope must be one of {', '.join(LES_SCOPES)}, got {self.scope!r}")
+
+
+@torch.no_grad()
+def _mean_loss(losses_of: LossFn, index: Tensor, batch_size: int = 64) -> float:
+    """Mean of ``losses_of`` over the samples at ``index``, in chunks of ``batch_size``."""
+    total = 0.0
+    for chunk in index.split(batch_size):
+        total += float(losses_of(chunk).sum())
+    return total / max(len(index), 1)
+
+
+@contextmanager
+def _only_trainable(module: nn.Module, scales: list[nn.Parameter]) -> Iterator[None]:
+    """Inside: ``scales`` require gradients and no other parameter of ``module`` does; afterwards
+    every flag is restored and the scales' gradients are dropped."""
+    ids = {id(t) for t in scales}
+    others = [p for p in module.parameters() if id(p) not in ids and p.requires_grad]
+    for p in others:
+        p.requires_grad_(False)
+    for t in scales:
+        t.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t in scales:
+            t.requires_grad_(False)
+            t.grad = None
+        for p in others:
+            p.requires_grad_(True)
+
+
+def _fit_scales(scales: list[nn.Parameter], losses_of: LossFn, n: int, buckets: Tensor, num_buckets: int,
+                options: LESOptions, generator: torch.Generator) -> None:
+    """Adam on ``scales`` with cosine annealing; each iteration B distinct random samples of the
+    ``n`` cached ones, their losses weighted by timestep bucket."""
+    weighting = TimestepWeighting(num_buckets, options.time_weight, options.alpha, options.momentum)
+    batch = min(options.batch_size, n)
+    opt = torch.optim.Adam(scales, lr=options.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(options.iters, 1), eta_min=0.0)
+    for _ in range(options.iters):
+        index = torch.randperm(n, generator=generator)[:batch]
+        loss = weighting(losses_of(index), buckets[index].to(options.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def _learn_scales(name: str, kind: str, module: nn.Module, layers: list[QuantLayer], losses_of: LossFn, n: int,
+                  buckets: Tensor, num_buckets: int, options: LESOptions, seed: int) -> UnitRecord:
+    """Learn the τ of ``layers`` (inside ``module``) by minimising ``losses_of`` over ``n`` cached
+    samples; the loss on the evaluation subset before and after goes into the record."""
+    start = time.perf_counter()
+    scales = [layer.input_scale for layer in layers]
+    eval_index = eval_indices(n, options.eval_samples)
+    with torch.random.fork_rng(devices=_fork_devices(options.device)):
+        torch.manual_seed(seed)
+        initial = _mean_loss(losses_of, eval_index)
+        try:
+            with _only_trainable(module, scales):
+                _fit_scales(scales, losses_of, n, buckets, num_buckets, options, torch.Generator().manual_seed(seed))
+        finally:
+            for layer in layers:
+                layer.clear_cache()
+        if not all(bool(torch.isfinite(t).all()) for t in scales):
+            raise DiffquantError(f"{name}: LES diverged (non-finite τ); lower the LES learning rate")
+        final = _mean_loss(losses_of, eval_index)
+    return UnitRecord(name, kind, PASS_NAME, options.iters, initial, final, seconds=time.perf_counter() - start)
+
+
+def _layer_losses(layer: QuantLayer, io: LayerIO, index: Tensor, *, weights: bool, acts: bool, device) -> Tensor:
+    x, y = io.batch(index, device)
+    return per_sample_loss(les_forward(layer, x, weights=weights, acts=acts), y)
 
 
 @torch.no_grad()
 def les_loss(layer: QuantLayer, io: LayerIO, index: Tensor, *, weights: bool, acts: bool, device,
              batch_size: int = 64) -> float:
     """Mean per-sample L2 error of the dynamically quantized layer on the samples at ``index``."""
-    total = 0.0
-    for chunk in index.split(batch_size):
-        x, y = io.batch(chunk, device)
-        total += float(per_sample_loss(les_forward(layer, x, weights=weights, acts=acts), y).sum())
-    return total / max(len(index), 1)
+    return _mean_loss(functools.partial(_layer_losses, layer, io, weights=weights, acts=acts, device=device),
+                      index, batch_size)
 
 
 def learn_layer_scale(layer: QuantLayer, io: LayerIO, buckets: Tensor, num_buckets: int, options: LESOptions, *,
@@ -255,37 +366,57 @@ def learn_layer_scale(layer: QuantLayer, io: LayerIO, buckets: Tensor, num_bucke
     """
     if layer.input_scale is None:
         raise ConfigError(f"{name}: LES needs an input scale; attach one with attach_input_scale")
-    start = time.perf_counter()
-    device = options.device
-    eval_index = eval_indices(io.n, options.eval_samples)
-    tau = layer.input_scale
-    with torch.random.fork_rng(devices=_fork_devices(device)):
-        torch.manual_seed(seed)
-        initial = les_loss(layer, io, eval_index, weights=weights, acts=acts, device=device)
-        weighting = TimestepWeighting(num_buckets, options.time_weight, options.alpha, options.momentum)
-        gen = torch.Generator().manual_seed(seed)
-        batch = min(options.batch_size, io.n)
-        tau.requires_grad_(True)
-        try:
-            opt = torch.optim.Adam([tau], lr=options.lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(options.iters, 1), eta_min=0.0)
-            for _ in range(options.iters):
-                index = torch.randperm(io.n, generator=gen)[:batch]
-                x, y = io.batch(index, device)
-                losses = per_sample_loss(les_forward(layer, x, weights=weights, acts=acts), y)
-                loss = weighting(losses, buckets[index].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        finally:
-            tau.requires_grad_(False)
-            tau.grad = None
-            layer.clear_cache()
-        if not bool(torch.isfinite(tau).all()):
-            raise DiffquantError(f"{name}: LES diverged (non-finite τ); lower the LES learning rate")
-        final = les_loss(layer, io, eval_index, weights=weights, acts=acts, device=device)
-    return UnitRecord(name, "layer", PASS_NAME, options.iters, initial, final, seconds=time.perf_counter() - start)
+    losses_of = functools.partial(_layer_losses, layer, io, weights=weights, acts=acts, device=options.device)
+    return _learn_scales(name, "layer", layer, [layer], losses_of, io.n, buckets, num_buckets, options, seed)
+
+
+# ---------------------------------------------------------------------- block scope
+@contextmanager
+def dynamic_forwards(layers: dict[str, QuantLayer], flags: dict[str, tuple[bool, bool]]) -> Iterator[None]:
+    """Inside: every layer in ``layers`` computes :func:`les_forward` (dynamic quantizers, x/τ and
+    W·τ) with its (weights, acts) ``flags`` instead of its stored quantizers."""
+    for name, layer in layers.items():
+        weights, acts = flags[name]
+        layer.forward = functools.partial(les_forward, layer, weights=weights, acts=acts)
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            if "forward" in layer.__dict__:
+                del layer.forward
+
+
+def _block_losses(unit: Unit, cache: UnitCache, index: Tensor, *, device) -> Tensor:
+    args, kwargs = cache.inputs(index, "fp", device)
+    return per_sample_loss(first_tensor(unit.module(*args, **kwargs)), cache.target(index, device))
+
+
+def learn_block_scales(unit: Unit, cache: UnitCache, buckets: Tensor, num_buckets: int, options: LESOptions, *,
+                       seed: int, layers: list[str] | None = None, weights: bool = True,
+                       acts: bool = True) -> UnitRecord:
+    """Learn the τ of the unit's ``layers`` (default: every layer of it carrying τ) jointly, so
+    that the block with dynamically quantized layers reproduces its float output.
+
+    ``cache`` holds the unit's float inputs (``fp``) and float outputs
+    (:func:`~diffquant.recon.cache.build_unit_cache` with ``keep=("fp",)``); ``buckets`` each
+    cached sample's timestep bucket. Every quantized layer of the unit runs :func:`les_forward`
+    (``acts`` only where the unit quantizes the layer's input); other quantizers in the block run
+    as the model's quantization state has them (:func:`run_les` switches them off).
+    """
+    names = [n for n, layer in unit.layers.items() if layer.input_scale is not None] if layers is None else layers
+    if not names:
+        raise ConfigError(f"{unit.name}: block-scope LES needs at least one layer with an input scale")
+    missing = [n for n in names if n not in unit.layers or unit.layers[n].input_scale is None]
+    if missing:
+        raise ConfigError(f"{unit.name}: layers {missing[:3]} are not in the unit or carry no input scale "
+                          "(attach one with attach_input_scale)")
+    if cache.fp_inputs is None:
+        raise ConfigError(f"{unit.name}: block-scope LES needs the unit's float inputs (keep=('fp',))")
+    flags = {n: (weights, acts and unit.quantize_input.get(n, True)) for n in unit.layers}
+    losses_of = functools.partial(_block_losses, unit, cache, device=options.device)
+    with dynamic_forwards(unit.layers, flags):
+        return _learn_scales(unit.name, unit.kind, unit.module, [unit.layers[n] for n in names], losses_of, cache.n,
+                             buckets, num_buckets, options, seed)
 
 
 def les_layers(qmodel: QuantModel) -> list[str]:
@@ -319,19 +450,75 @@ def _groups(qmodel: QuantModel, names: list[str]) -> list[list[str]]:
     return sorted(groups, key=lambda g: position[g[0]])
 
 
+def _check_buckets(buckets: Tensor, data: CalibrationCalls) -> Tensor:
+    buckets = buckets.reshape(-1).long()
+    if buckets.numel() != len(data):
+        raise ConfigError(f"need one timestep bucket per calibration sample ({len(data)}), got {buckets.numel()}")
+    return buckets
+
+
+def les_units(qmodel: QuantModel, names: list[str]) -> list[Unit]:
+    """The reconstruction units of granularity ``block`` (execution order) that hold layers of
+    ``names``: the problems of block-scope LES."""
+    wanted = set(names)
+    units = [u for u in make_units(qmodel, "block", "execution") if wanted & set(u.layers)]
+    covered = {n for u in units for n in u.layers}
+    outside = [n for n in names if n not in covered]
+    if outside:
+        raise DiffquantError(f"layers {outside[:3]} belong to no reconstruction unit of the wrap plan")
+    return units
+
+
+def _run_block_les(qmodel: QuantModel, data: CalibrationCalls, buckets: Tensor, num_buckets: int, options: LESOptions,
+                   names: list[str], fp_model: nn.Module | None, progress: ReconProgress | None) -> list[UnitRecord]:
+    """Block-scope LES over the units holding ``names``, one float cache and checkpoint per unit."""
+    units = les_units(qmodel, names)
+    unit_names = [u.name for u in units]
+    done = progress.finished_units(PASS_NAME, unit_names) if progress is not None else 0
+    records = [UnitRecord(**r) for r in progress.records(PASS_NAME)[:done]] if progress is not None else []
+    wanted = set(names)
+    quant = qmodel.config
+    qmodel.eval()
+    bar = tqdm(total=len(units), initial=done, desc="LES (blocks)", disable=not options.progress, leave=False)
+    try:
+        for i, unit in enumerate(units[done:], start=done):
+            cache = build_unit_cache(qmodel, unit.name, data, keep=("fp",), fp_model=fp_model, options=options.cache)
+            try:
+                with quant_state(qmodel, weights=False, acts=False):
+                    record = learn_block_scales(
+                        unit, cache, buckets, num_buckets, options, seed=unit_seed(options.seed, PASS_NAME, i),
+                        layers=[n for n in unit.layers if n in wanted], weights=quant.quantize_weights,
+                        acts=quant.quantize_acts,
+                    )
+            finally:
+                cache.close()
+            records.append(record)
+            log.info("LES %s (block): loss %.4g -> %.4g in %d iterations (%.1f s)", unit.name, record.initial_loss,
+                     record.final_loss, record.iterations, record.seconds)
+            bar.set_postfix_str(f"{unit.name}: {record.initial_loss:.3g}->{record.final_loss:.3g}")
+            if progress is not None:
+                progress.save(qmodel, PASS_NAME, i, unit_names, [r.to_dict() for r in records])
+            bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
 def run_les(qmodel: QuantModel, data: CalibrationCalls, buckets: Tensor, num_buckets: int, options: LESOptions, *,
             layers: list[str] | None = None, fp_model: nn.Module | None = None,
             progress: ReconProgress | None = None) -> list[UnitRecord]:
     """LES over ``layers`` (default :func:`les_layers`), in execution order; each must already
     carry τ. ``buckets`` [N]: the timestep bucket of every calibration sample in ``data``.
+    ``options.scope`` ``block`` learns them block by block (:func:`learn_block_scales`, one
+    record per unit) instead of layer by layer.
 
-    With ``progress`` τ is checkpointed after every layer and layers a restored checkpoint has
-    finished are skipped.
+    With ``progress`` τ is checkpointed after every layer (block) and those a restored checkpoint
+    has finished are skipped.
     """
     names = les_layers(qmodel) if layers is None else list(layers)
-    buckets = buckets.reshape(-1).long()
-    if buckets.numel() != len(data):
-        raise ConfigError(f"need one timestep bucket per calibration sample ({len(data)}), got {buckets.numel()}")
+    buckets = _check_buckets(buckets, data)
+    if options.scope == "block":
+        return _run_block_les(qmodel, data, buckets, num_buckets, options, names, fp_model, progress)
     done = progress.finished_units(PASS_NAME, names) if progress is not None else 0
     records = [UnitRecord(**r) for r in progress.records(PASS_NAME)[:done]] if progress is not None else []
     quant = qmodel.config
@@ -371,14 +558,115 @@ def run_les(qmodel: QuantModel, data: CalibrationCalls, buckets: Tensor, num_buc
     return records
 
 
+# ---------------------------------------------------------------------- SmoothQuant baseline
+def _channel_absmax(x: Tensor, axis: int) -> Tensor:
+    """max |x| per index of ``axis`` (over batch, space and any other axis)."""
+    x = x.detach().movedim(axis % x.dim(), 0)
+    return x.reshape(x.shape[0], -1).abs().amax(dim=1).float()
+
+
+@torch.no_grad()
+def input_channel_absmax(model: nn.Module, axes: dict[str, int], data: CalibrationCalls, *, batch_size: int = 64,
+                         one_timestep: bool = False) -> dict[str, Tensor]:
+    """max |X_c| per input channel of every layer in ``axes`` (name -> the input's channel axis)
+    over every call while ``data`` runs through ``model``."""
+    inner = _inner(model)
+    amax: dict[str, Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            m = _channel_absmax(args[0], axes[name])
+            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+
+        return hook
+
+    handles = []
+    was_training = model.training
+    try:
+        for name in axes:
+            try:
+                module = inner.get_submodule(name)
+            except AttributeError:
+                raise DiffquantError(f"layer {name!r} does not exist in {type(inner).__name__}") from None
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        model.eval()
+        for index in data.slices(batch_size, one_timestep):
+            data.run(model, index)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    missing = sorted(set(axes) - set(amax))
+    if missing:
+        raise DiffquantError(f"layers {missing[:3]} were not called by the denoiser")
+    return amax
+
+
+def smoothquant_scales(qmodel: QuantModel, names: list[str], data: CalibrationCalls, alpha: float, *,
+                       fp_model: nn.Module | None = None, batch_size: int = 64) -> dict[str, Tensor]:
+    """SmoothQuant's τ_c = max|X_c|^α / max|W_c|^(1−α) for each layer in ``names``, X from the
+    float model (``fp_model``, default ``qmodel`` with quantization off) over all of ``data``."""
+    layers = qmodel.layers()
+    axes = {n: layers[n].act_axis for n in names}
+    if fp_model is not None:
+        amax = input_channel_absmax(fp_model, axes, data, batch_size=batch_size)
+    else:
+        with quant_state(qmodel, weights=False, acts=False):
+            amax = input_channel_absmax(qmodel, axes, data, batch_size=batch_size,
+                                        one_timestep=bool(qmodel.timestep_index.timesteps))
+    out = {}
+    for n in names:
+        layer = layers[n]
+        # the [1, C] row of channel maxima: smooth_scales' maximum over the batch axis is the value itself
+        x_max = amax[n].to(layer.weight.device).reshape(1, -1)
+        out[n] = smooth_scales(x_max, layer.weight, act_axis=1, in_axis=layer.in_axis, alpha=alpha)
+    return out
+
+
+@torch.no_grad()
+def run_smoothquant(qmodel: QuantModel, data: CalibrationCalls, alpha: float, *, layers: list[str] | None = None,
+                    fp_model: nn.Module | None = None, batch_size: int = 64,
+                    progress: ReconProgress | None = None) -> list[UnitRecord]:
+    """Set τ of ``layers`` (default :func:`les_layers`) to SmoothQuant's scales
+    (:func:`smoothquant_scales`), attaching τ where a layer has none; one record per layer (no
+    iterations, no loss). With ``progress`` the result is checkpointed once, and a restored
+    checkpoint that has it is kept."""
+    names = les_layers(qmodel) if layers is None else list(layers)
+    if progress is not None and names and progress.finished_units(SMOOTHQUANT_PASS, names) == len(names):
+        return [UnitRecord(**r) for r in progress.records(SMOOTHQUANT_PASS)]
+    start = time.perf_counter()
+    scales = smoothquant_scales(qmodel, names, data, alpha, fp_model=fp_model, batch_size=batch_size)
+    all_layers = qmodel.layers()
+    for n, tau in scales.items():
+        layer = all_layers[n]
+        if layer.input_scale is None:
+            attach_input_scale(layer, tau)
+        else:
+            layer.input_scale.copy_(tau.reshape(layer.input_scale.shape))
+            layer.clear_cache()
+    seconds = (time.perf_counter() - start) / max(len(names), 1)
+    records = [UnitRecord(n, "layer", SMOOTHQUANT_PASS, 0, None, None, seconds=seconds) for n in names]
+    log.info("SmoothQuant (alpha %g): τ set on %d layers", alpha, len(names))
+    if progress is not None and names:
+        progress.save(qmodel, SMOOTHQUANT_PASS, len(names) - 1, names, [r.to_dict() for r in records])
+    return records
+
+
 __all__ = [
+    "LES_SCOPES",
     "LESOptions",
     "LayerIO",
     "capture_layer_io",
+    "dynamic_forwards",
     "dynamic_quantize",
+    "input_channel_absmax",
+    "learn_block_scales",
     "learn_layer_scale",
     "les_forward",
     "les_layers",
     "les_loss",
+    "les_units",
     "run_les",
+    "run_smoothquant",
+    "smoothquant_scales",
 ]
