@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from diffquant.bench import format_cell
+
 COLUMNS = ("fid", "sfid", "precision", "recall", "accuracy", "eps_mse", "calib_s", "size_mb")
 
 
@@ -52,14 +54,7 @@ def merge(runs: list[dict]) -> dict:
 
 def markdown(merged: dict) -> str:
     cols = [c for c in COLUMNS if any(c in row for row in merged["rows"])]
-
-    def fmt(value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
+    fmt = format_cell
     head = ["recipe", "setting", *cols, "FID / float", "source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in merged["rows"]:

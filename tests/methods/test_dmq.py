@@ -161,10 +161,9 @@ def test_step_calibration_is_minmax_then_ema(bundle, trajectories):
     assert q.mode == "quantize" and q.init == "minmax"
 
 
-@pytest.mark.parametrize("stop", [("les", 5), ("weights", 5), ("acts", 1), ("pts", 1)])
-def test_resume_equals_an_uninterrupted_run(calibrated, bundle, trajectories, tmp_path, monkeypatch, stop):
-    expected, _ = calibrated
-    config = DMQConfig(**TINY)
+def _assert_resume_matches(expected, bundle, trajectories, config, tmp_path, monkeypatch, stop_after):
+    """Interrupt a run right after the first checkpoint where ``stop_after(pass_name, last_unit)``,
+    resume it from ``tmp_path`` and check it ends in ``expected``'s state and records."""
 
     class Stop(Exception):
         pass
@@ -173,7 +172,7 @@ def test_resume_equals_an_uninterrupted_run(calibrated, bundle, trajectories, tm
 
     def save_then_stop(self, qm, pass_name, last_unit, *args, **kwargs):
         original(self, qm, pass_name, last_unit, *args, **kwargs)
-        if (pass_name, last_unit) == stop:
+        if stop_after(pass_name, last_unit):
             raise Stop
 
     monkeypatch.setattr(ReconProgress, "save", save_then_stop)
@@ -184,6 +183,13 @@ def test_resume_equals_an_uninterrupted_run(calibrated, bundle, trajectories, tm
     want, got = expected.quant_state_dict(), resumed.quant_state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert [r["final_loss"] for r in resumed.recon_records] == [r["final_loss"] for r in expected.recon_records]
+
+
+@pytest.mark.parametrize("stop", [("les", 5), ("weights", 5), ("acts", 1), ("pts", 1)])
+def test_resume_equals_an_uninterrupted_run(calibrated, bundle, trajectories, tmp_path, monkeypatch, stop):
+    expected, _ = calibrated
+    _assert_resume_matches(expected, bundle, trajectories, DMQConfig(**TINY), tmp_path, monkeypatch,
+                           lambda pass_name, last_unit: (pass_name, last_unit) == stop)
 
 
 def test_ablation_switches(bundle, trajectories):
@@ -324,22 +330,6 @@ def test_block_scope_les_end_to_end(bundle, trajectories):
 def test_resume_with_block_les_or_smoothquant(bundle, trajectories, tmp_path, monkeypatch, overrides, stop_pass):
     config = DMQConfig(**{**TINY, **overrides})
     expected, _ = calibrate(bundle, trajectories, config)
-
-    class Stop(Exception):
-        pass
-
-    original = ReconProgress.save
-
-    def save_then_stop(self, qm, pass_name, *args, **kwargs):
-        original(self, qm, pass_name, *args, **kwargs)
-        if pass_name == stop_pass:  # right after the first block / the SmoothQuant checkpoint
-            raise Stop
-
-    monkeypatch.setattr(ReconProgress, "save", save_then_stop)
-    with pytest.raises(Stop):
-        calibrate(bundle, trajectories, config, work_dir=tmp_path)
-    monkeypatch.setattr(ReconProgress, "save", original)
-    resumed, _ = calibrate(bundle, trajectories, config, work_dir=tmp_path)
-    want, got = expected.quant_state_dict(), resumed.quant_state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert [r["final_loss"] for r in resumed.recon_records] == [r["final_loss"] for r in expected.recon_records]
+    # stop right after the first block / the SmoothQuant checkpoint
+    _assert_resume_matches(expected, bundle, trajectories, config, tmp_path, monkeypatch,
+                           lambda pass_name, last_unit: pass_name == stop_pass)
