@@ -74,6 +74,9 @@ def test_recipe_specs_parse_overrides_and_files(tmp_path):
     (tmp_path / "q.yaml").write_text("iters_a: 3\n")
     name, cfg = parse_recipe_spec(f"qdiffusion@{tmp_path / 'q.yaml'}:iters_w=5")
     assert cfg.iters_a == 3 and cfg.iters_w == 5
+    # YAML 1.1 would read "off" as False and "1e-3" as a string; option values keep the typed word
+    name, cfg = parse_recipe_spec("dmq:pts=off,time_weight=uniform,les=false,les_lr=1e-3")
+    assert cfg.pts == "off" and cfg.les is False and cfg.les_lr == pytest.approx(1e-3)
     for bad in ("qdiffusion:nope=1", "qdiffusion:iters_w", "nosuchrecipe"):
         with pytest.raises(ConfigError):
             parse_recipe_spec(bad)

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from diffquant.config import LayerRule, QuantConfig, from_dict, load_yaml, save_yaml, to_dict
+from diffquant.config import LayerRule, QuantConfig, from_dict, load_yaml, parse_yaml, save_yaml, to_dict
 from diffquant.errors import ConfigError
 
 
@@ -112,3 +112,13 @@ def test_yaml_file_errors(tmp_path):
         load_yaml(QuantConfig, tmp_path / "list.yaml")
     (tmp_path / "empty.yaml").write_text("")
     assert load_yaml(QuantConfig, tmp_path / "empty.yaml") == QuantConfig()
+
+
+def test_yaml_reads_words_as_strings_and_exponents_as_floats(tmp_path):
+    data = parse_yaml("a: off\nb: yes\nc: true\nd: False\ne: 1e-3\nf: 10\ng: 0.85\nh: null\ni: -.inf")
+    assert data == {"a": "off", "b": "yes", "c": True, "d": False, "e": 1e-3, "f": 10, "g": 0.85, "h": None,
+                    "i": float("-inf")}
+    assert isinstance(data["f"], int)
+    path = tmp_path / "q.yaml"
+    path.write_text("timestep_lookup: nearest\nsplit: true\n")
+    assert load_yaml(QuantConfig, path).split is True

@@ -6,6 +6,7 @@ number can always be traced back to the knobs that produced it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,33 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans and floats: ``pts: off`` stays a string, ``1e-3`` is a float."""
+
+
+_REPLACED_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2 floats: ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``)
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[0-9][0-9_]*[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text → Python, safely; ``on``/``off``/``yes``/``no`` are strings, not booleans.
+
+    Option values such as ``pts=off`` must reach the config as the word the user typed.
+    """
+    return yaml.load(text, Loader=_Yaml12BoolLoader)
+
+
 def _convert(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -182,7 +210,7 @@ def load_yaml(cls, path: str | Path):
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return from_dict(cls, data)

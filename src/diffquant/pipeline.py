@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import QuantConfig, from_dict, load_yaml, save_yaml, to_dict
+from .config import QuantConfig, from_dict, load_yaml, parse_yaml, save_yaml, to_dict
 from .errors import ConfigError
 from .methods import RECIPES
 from .model import QuantModel, quantize, save
@@ -146,7 +146,7 @@ def parse_recipe_spec(spec: str):
             if not eq or not key.strip():
                 raise ConfigError(f"recipe spec {spec!r}: expected key=value, got {item!r}")
             try:
-                data[key.strip()] = yaml.safe_load(value)
+                data[key.strip()] = parse_yaml(value)
             except yaml.YAMLError:
                 raise ConfigError(f"recipe spec {spec!r}: cannot read the value of {key!r}") from None
             if key.strip() not in {f.name for f in dataclasses.fields(config)}:
