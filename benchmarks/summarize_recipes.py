@@ -18,7 +18,7 @@ from pathlib import Path
 
 from diffquant.bench import format_cell
 
-COLUMNS = ("fid", "sfid", "precision", "recall", "accuracy", "eps_mse", "calib_s", "size_mb")
+COLUMNS = ("fid", "sfid", "precision", "recall", "accuracy", "psnr", "eps_mse", "calib_s", "size_mb")
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
