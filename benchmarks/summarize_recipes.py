@@ -54,11 +54,10 @@ def merge(runs: list[dict]) -> dict:
 
 def markdown(merged: dict) -> str:
     cols = [c for c in COLUMNS if any(c in row for row in merged["rows"])]
-    fmt = format_cell
     head = ["recipe", "setting", *cols, "FID / float", "source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in merged["rows"]:
-        cells = [row["recipe"], row["setting"], *(fmt(row.get(c)) for c in cols), f"{row['fid_ratio']:.2f}",
+        cells = [row["recipe"], row["setting"], *(format_cell(row.get(c)) for c in cols), f"{row['fid_ratio']:.2f}",
                  row["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     p = merged["protocol"]

@@ -226,9 +226,8 @@ def rows_markdown(rows: list[dict]) -> str:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    fmt = format_cell
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -136,19 +136,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-class _Yaml12BoolLoader(yaml.SafeLoader):
+class _Yaml12Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 booleans and floats: ``pts: off`` stays a string, ``1e-3`` is a float."""
 
 
 _REPLACED_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
-_Yaml12BoolLoader.yaml_implicit_resolvers = {
+_Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Yaml12BoolLoader.add_implicit_resolver(
+_Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # YAML 1.2 floats: ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``)
-_Yaml12BoolLoader.add_implicit_resolver(
+_Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
                 |[0-9][0-9_]*[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
@@ -160,7 +160,7 @@ def parse_yaml(text: str) -> Any:
 
     Option values such as ``pts=off`` must reach the config as the word the user typed.
     """
-    return yaml.load(text, Loader=_Yaml12BoolLoader)
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def _convert(tp: Any, value: Any) -> Any:
