@@ -1,7 +1,7 @@
 """Merge several ``diffquant bench`` runs on one model into one table.
 
-Every bench run samples its own full-precision row from the same seeds, so runs made at different
-times (or in parallel) are comparable; this script checks that claim (the fp32 FIDs must agree to
+Every bench run samples its own full-precision row from the same seeds (or keeps it, with
+``--resume``), so runs made at different times (or in parallel) are comparable; this script checks that claim (the fp32 FIDs must agree to
 0.01) before it puts their rows side by side, adds FID / float-FID, and writes
 ``benchmarks/results/recipes_<model>.{json,md}``.
 
@@ -48,6 +48,7 @@ def merge(runs: list[dict]) -> dict:
             rows.append({"source": Path(run["dir"]).name, **row, "fid_ratio": row["fid"] / fp_fid})
     return {"model": runs[0]["model"], "fp32_fid": fp_fid, "complete": all(r.get("complete", True) for r in runs),
             "protocol": runs[0]["protocol"], "sources": [{"dir": r["dir"], "command": r["command"],
+                                                          "commands": r.get("commands") or [r["command"]],
                                                           "calib": r["protocol"]["calib"]} for r in runs],
             "rows": rows}
 
@@ -62,7 +63,8 @@ def markdown(merged: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     p = merged["protocol"]
     sources = "\n".join(f"- `{s['dir']}` (calibration: {s['calib']['n']} trajectories, every "
-                        f"{s['calib']['every']} step(s)): `{s['command']}`" for s in merged["sources"])
+                        f"{s['calib']['every']} step(s)): "
+                        + " then ".join(f"`{c}`" for c in s.get("commands", [s["command"]])) for s in merged["sources"])
     status = "" if merged["complete"] else "\n\n(some source runs had not finished every row)"
     return (f"# {merged['model']}: recipes side by side\n\nN = {p['n']}, {p['scheduler']} {p['steps']} steps, "
             f"η = {p['eta']}, guidance {p['guidance']}, seeds {p['seeds']}; every source run re-sampled the "

@@ -129,3 +129,68 @@ def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeyp
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["complete"] is False and [r["setting"] for r in saved["rows"]] == ["W32A32", "W8A8"]
     assert "partial" in (tmp_path / "bench" / "results.md").read_text()
+
+
+def _tiny_cfg(tiny_folder, out, settings, **kw):
+    base = dict(model=str(tiny_folder), recipes=["naive"], settings=settings, n=2, steps=2, batch_size=2, metrics=[],
+                eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2), out=str(out))
+    return BenchConfig(**{**base, **kw})
+
+
+def test_resume_adds_missing_rows_and_keeps_the_float_row(tmp_path, tiny_folder, monkeypatch):
+    import diffquant.bench as bench_module
+    import diffquant.diffusion.sampling as sampling
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    first = run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W8A8"]))
+    real_quantize, real_sample = bench_module.quantize_bundle, sampling.sample
+    quantized, sampled = [], []
+    monkeypatch.setattr(bench_module, "quantize_bundle", lambda *a, **k: quantized.append(a[2]) or real_quantize(*a, **k))
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: sampled.append(a[1]) or real_sample(*a, **k))
+    second = run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W8A8", "W4A8"], resume=True))
+    # only the new row was calibrated and sampled (its n samples plus the ε-curve's eps_n); the
+    # float row and the W8A8 row are the first run's, untouched
+    assert [(q.weight_bits, q.act_bits) for q in quantized] == [(4, 8)]
+    assert sampled == [2, 1]
+    assert [r["setting"] for r in second["rows"]] == ["W32A32", "W8A8", "W4A8"]
+    assert second["rows"][:2] == first["rows"]
+    assert set(second["eps_mse_curves"]) == {"naive W8A8", "naive W4A8"}
+    assert len(second["commands"]) == 2 and second["complete"] is True
+
+
+def test_an_interrupted_bench_resumes_to_the_uninterrupted_result(tmp_path, tiny_folder, monkeypatch):
+    import diffquant.bench as bench_module
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    whole = run_bench(_tiny_cfg(tiny_folder, tmp_path / "whole", ["W8A8", "W4A8"]))
+    real = bench_module.quantize_bundle
+    calls = []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "quantize_bundle", failing_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_tiny_cfg(tiny_folder, tmp_path / "cut", ["W8A8", "W4A8"]))
+    monkeypatch.setattr(bench_module, "quantize_bundle", real)
+    resumed = run_bench(_tiny_cfg(tiny_folder, tmp_path / "cut", ["W8A8", "W4A8"], resume=True))
+    measured = ("recipe", "setting", "eps_mse", "mse", "psnr", "size_mb")
+    assert [[r.get(k) for k in measured] for r in resumed["rows"]] == [[r.get(k) for k in measured] for r in whole["rows"]]
+    assert resumed["rows"][2]["eps_mse"] > resumed["rows"][1]["eps_mse"] > 0
+
+
+def test_resume_refuses_a_run_with_another_protocol(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    fresh = run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W8A8"], resume=True))  # nothing there: a fresh run
+    assert [r["setting"] for r in fresh["rows"]] == ["W32A32", "W8A8"]
+    kept = (tmp_path / "bench" / "bench_config.yaml").read_text()
+    with pytest.raises(ConfigError, match="steps: 2 there, 3 now"):
+        run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W8A8"], steps=3,
+                            calib=CalibConfig(n=2, steps=3, every=1, batch_size=2), resume=True))
+    assert (tmp_path / "bench" / "bench_config.yaml").read_text() == kept  # the refused run wrote nothing
+    (tmp_path / "bench" / "samples" / "fp32" / "samples.npz").unlink()
+    with pytest.raises(ConfigError, match="float row"):
+        run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W8A8"], resume=True))

@@ -54,6 +54,9 @@ class BenchConfig:
     rows: list[list[str]] = field(default_factory=list)
     calib: CalibConfig = field(default_factory=CalibConfig)
     out: str = "runs/bench"
+    #: keep the float row and the finished rows already in ``out`` (same protocol) and run only the
+    #: rows that are missing: resumes an interrupted run, or adds rows to a finished one
+    resume: bool = False
 
 
 def peak_rss_mb() -> float:
@@ -109,7 +112,6 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "bench_config.yaml")
     bundle = load_model(cfg.model, assets=assets, device=device)
     dataset = reference_dataset(bundle)
     needs_reference = bool(set(cfg.metrics) & {"fid", "sfid", "precision", "recall"})
@@ -130,6 +132,15 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     classifier = bundled_classifier(bundle, device)
     sample_kw = dict(seed=cfg.seed, scheduler=cfg.scheduler, steps=cfg.steps, eta=cfg.eta, guidance=guidance,
                      batch_size=cfg.batch_size, device=device)
+    protocol = _normalised({
+        "n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "guidance": guidance,
+        "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
+        "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
+        "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib), "metrics": list(cfg.metrics),
+        "split": cfg.split})
+    command = " ".join(sys.argv)
+    previous = load_previous_run(out, bundle.name, protocol, cfg.n) if cfg.resume else None
+    save_yaml(cfg, out / "bench_config.yaml")
 
     def evaluate(images, labels, fp_images=None):
         metrics = list(cfg.metrics)
@@ -146,39 +157,51 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         results = {
             "model": bundle.name,
             "complete": complete,
-            "protocol": {"n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta,
-                         "guidance": guidance, "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
-                         "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
-                         "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib)},
+            "protocol": protocol,
             "rows": rows,
             "eps_mse_curves": curves,
             "environment": environment_record(),
-            "command": " ".join(sys.argv),
+            "command": command,
+            "commands": commands,
         }
         (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
         status = "" if complete else "\n\n(partial: the run has not finished every row yet)"
+        shown = "\n".join(f"Command: `{c}`" for c in commands)
         (out / "results.md").write_text(
             f"# {bundle.name}: {title}\n\n"
             f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
             f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{rows_markdown(rows)}"
-            f"{status}\n\nCommand: `{results['command']}`\n"
+            f"{status}\n\n{shown}\n"
         )
         return results
 
     title = "; ".join(([f"{', '.join(cfg.recipes)} × {', '.join(cfg.settings)}"] if cfg.recipes else [])
                       + [f"{spec} {setting.upper()}" for setting, spec in cfg.rows])
-    print(f"[bench] {bundle.name}: full precision, {cfg.n} samples")
-    t0 = time.perf_counter()
-    fp = sample(bundle, cfg.n, **sample_kw)
-    fp_sample_s = time.perf_counter() - t0
-    save_samples(fp, out / "samples" / "fp32")
-    rows = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp.images, fp.labels),
-             "calib_s": 0.0, "sample_s": round(fp_sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-             "size_mb": round(float_size_mb(bundle.unet), 3)}]
-    curves = {}
     per_row = min(10, cfg.n)
-    grids = [fp.images[:per_row]]
+    if previous is not None:
+        print(f"[bench] {bundle.name}: resuming {out} ({len(previous.rows) - 1} finished row(s) kept)")
+        fp_images = previous.fp_images
+        rows, curves = previous.rows, previous.curves
+        commands = previous.commands + [command]
+        grids = [previous.images(row, per_row) for row in rows]
+    else:
+        print(f"[bench] {bundle.name}: full precision, {cfg.n} samples")
+        t0 = time.perf_counter()
+        fp = sample(bundle, cfg.n, **sample_kw)
+        fp_sample_s = time.perf_counter() - t0
+        save_samples(fp, out / "samples" / "fp32")
+        fp_images = fp.images
+        rows = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp.images, fp.labels),
+                 "calib_s": 0.0, "sample_s": round(fp_sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                 "size_mb": round(float_size_mb(bundle.unet), 3)}]
+        curves = {}
+        commands = [command]
+        grids = [fp.images[:per_row]]
     for recipe, name, recipe_config, tag, wbits, abits in plan:
+        done = [i for i, r in enumerate(rows) if (r["recipe"], r["setting"]) == (recipe, tag)]
+        if done and (out / "samples" / f"{recipe}-{tag}" / "samples.npz").is_file():
+            print(f"[bench] {recipe} {tag}: already in {out}, kept")
+            continue
         print(f"[bench] {recipe} {tag}: calibrating")
         quant = build_quant_config(wbits, abits, None, split=cfg.split)
         res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config)
@@ -189,13 +212,16 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         save_samples(qs, out / "samples" / f"{recipe}-{tag}")
         curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
         curves[f"{recipe} {tag}"] = curve
-        row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp.images),
+        row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp_images),
                "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
                "capture_s": round(res.timings.get("capture_s", 0.0), 1),
                "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                "size_mb": round(model_size_mb(res.qmodel), 3)}
-        rows.append(row)
-        grids.append(qs.images[:per_row])
+        if done:  # a kept row whose samples were lost: replaced in place
+            rows[done[0]], grids[done[0]] = row, qs.images[:per_row]
+        else:
+            rows.append(row)
+            grids.append(qs.images[:per_row])
         write(complete=False)
     results = write(complete=True)
     table = rows_markdown(rows)
@@ -203,6 +229,68 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     _plots(rows, curves, out)
     print(table)
     return results
+
+
+@dataclass
+class PreviousRun:
+    """What ``--resume`` keeps from a results directory: its rows, ε-MSE curves, commands and the
+    float samples every quantized row is compared with."""
+
+    out: Path
+    rows: list[dict]
+    curves: dict
+    commands: list[str]
+    fp_images: np.ndarray
+
+    def images(self, row: dict, count: int) -> np.ndarray:
+        """The first ``count`` saved images of ``row`` (for the comparison grid)."""
+        if row["recipe"] == "fp32":
+            return self.fp_images[:count]
+        file = self.out / "samples" / f"{row['recipe']}-{row['setting']}" / "samples.npz"
+        if not file.is_file():
+            return np.zeros_like(self.fp_images[:count])
+        with np.load(file) as saved:
+            return saved["images"][:count]
+
+
+def load_previous_run(out: Path, model: str, protocol: dict, n: int) -> PreviousRun | None:
+    """The run already in ``out``, or None when there is none; a :class:`ConfigError` when it was
+    made with another model or protocol (its numbers would not be comparable)."""
+    file = out / "results.json"
+    if not file.is_file():
+        print(f"[bench] nothing to resume in {out}: starting a fresh run")
+        return None
+    try:
+        saved = json.loads(file.read_text())
+        rows = saved["rows"]
+        old = dict(saved["protocol"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{file} is not a diffquant bench result ({exc}); use another --out") from None
+    if saved.get("model") != model:
+        raise ConfigError(f"{out} holds results for {saved.get('model')!r}, not {model!r}; use another --out")
+    # results written before these keys were recorded: read them off the float row and the command
+    if rows and rows[0].get("recipe") == "fp32":
+        old.setdefault("metrics", [m for m in ("fid", "sfid", "precision", "recall") if m in rows[0]])
+    old.setdefault("split", " --split" in saved.get("command", ""))
+    differ = sorted(k for k in set(protocol) | set(old) if protocol.get(k) != old.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: {old.get(k)!r} there, {protocol.get(k)!r} now" for k in differ)
+        raise ConfigError(f"cannot resume {out}: it was run with another protocol ({detail}); "
+                          "use another --out or the same settings")
+    fp_file = out / "samples" / "fp32" / "samples.npz"
+    if not rows or rows[0].get("recipe") != "fp32" or not fp_file.is_file():
+        raise ConfigError(f"cannot resume {out}: its float row or {fp_file} is missing; use another --out")
+    with np.load(fp_file) as fp:
+        fp_images = fp["images"]
+    if len(fp_images) != n:
+        raise ConfigError(f"cannot resume {out}: {fp_file} holds {len(fp_images)} samples, not {n}")
+    commands = list(saved.get("commands") or [saved.get("command", "")])
+    return PreviousRun(out, rows, dict(saved.get("eps_mse_curves", {})), commands, fp_images)
+
+
+def _normalised(value):
+    """``value`` as it reads back from results.json (tuples as lists, numpy scalars as numbers)."""
+    return json.loads(json.dumps(value, default=_json_default))
 
 
 def _json_default(value):
@@ -294,6 +382,9 @@ def add_bench_parser(sub) -> None:
                    help="one extra row after the recipes × settings matrix (repeatable), e.g. "
                         "--row W4A8 qdiffusion:split=false")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the float row and finished rows already in --out (same protocol) and run only "
+                        "the missing ones: resumes an interrupted run or adds rows to a finished one")
     p.set_defaults(handler=_run)
 
 
@@ -303,6 +394,7 @@ def _run(args) -> int:
     recipes = args.recipes if args.recipes is not None else ([] if args.row else ["naive"])
     cfg = BenchConfig(model=args.model, recipes=recipes, rows=[list(r) for r in args.row], settings=args.settings, n=args.n, steps=args.steps,
                       ref_n=args.ref_n, metrics=args.metrics, fd_method=args.fd_method, split=args.split,
-                      calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out)
+                      calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out,
+                      resume=args.resume)
     run_bench(cfg, device=args.device, assets=args.assets)
     return 0
