@@ -1,8 +1,9 @@
 """Merge several ``diffquant bench`` runs on one model into one table.
 
 Every bench run samples its own full-precision row from the same seeds (or keeps it, with
-``--resume``), so runs made at different times (or in parallel) are comparable; this script checks that claim (the fp32 FIDs must agree to
-0.01) before it puts their rows side by side, adds FID / float-FID, and writes
+``--resume``), so runs made at different times (or in parallel) are comparable; this script
+checks that claim (the fp32 FIDs must agree to 0.01) before it puts their rows side by side,
+adds FID / float-FID, and writes
 ``benchmarks/results/recipes_<model>.{json,md}``.
 
     python3 benchmarks/summarize_recipes.py benchmarks/results/mnist-resunet-naive \\

@@ -107,10 +107,10 @@ def test_extra_rows_follow_the_matrix_at_their_own_settings(tmp_path, tiny_folde
         run_bench(bad)
 
 
-def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeypatch):
+def _interrupt_second_calibration(monkeypatch):
+    """Make the bench's second ``quantize_bundle`` call raise KeyboardInterrupt; returns the real one."""
     import diffquant.bench as bench_module
 
-    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     real = bench_module.quantize_bundle
     calls = []
 
@@ -121,6 +121,12 @@ def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench_module, "quantize_bundle", failing_second)
+    return real
+
+
+def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    _interrupt_second_calibration(monkeypatch)
     cfg = BenchConfig(model=str(tiny_folder), recipes=["naive"], settings=["W8A8", "W4A8"], n=2, steps=2,
                       batch_size=2, metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
                       out=str(tmp_path / "bench"))
@@ -163,16 +169,7 @@ def test_an_interrupted_bench_resumes_to_the_uninterrupted_result(tmp_path, tiny
 
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     whole = run_bench(_tiny_cfg(tiny_folder, tmp_path / "whole", ["W8A8", "W4A8"]))
-    real = bench_module.quantize_bundle
-    calls = []
-
-    def failing_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bench_module, "quantize_bundle", failing_second)
+    real = _interrupt_second_calibration(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_bench(_tiny_cfg(tiny_folder, tmp_path / "cut", ["W8A8", "W4A8"]))
     monkeypatch.setattr(bench_module, "quantize_bundle", real)

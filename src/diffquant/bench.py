@@ -199,7 +199,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         grids = [fp.images[:per_row]]
     for recipe, name, recipe_config, tag, wbits, abits in plan:
         done = [i for i, r in enumerate(rows) if (r["recipe"], r["setting"]) == (recipe, tag)]
-        if done and (out / "samples" / f"{recipe}-{tag}" / "samples.npz").is_file():
+        if done and (row_samples_dir(out, recipe, tag) / "samples.npz").is_file():
             print(f"[bench] {recipe} {tag}: already in {out}, kept")
             continue
         print(f"[bench] {recipe} {tag}: calibrating")
@@ -209,7 +209,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         t0 = time.perf_counter()
         qs = sample(qbundle, cfg.n, **sample_kw)
         sample_s = time.perf_counter() - t0
-        save_samples(qs, out / "samples" / f"{recipe}-{tag}")
+        save_samples(qs, row_samples_dir(out, recipe, tag))
         curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
         curves[f"{recipe} {tag}"] = curve
         row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp_images),
@@ -231,6 +231,11 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     return results
 
 
+def row_samples_dir(out: Path, recipe: str, setting: str) -> Path:
+    """Where a bench row's samples live inside the results directory ``out``."""
+    return out / "samples" / f"{recipe}-{setting}"
+
+
 @dataclass
 class PreviousRun:
     """What ``--resume`` keeps from a results directory: its rows, ε-MSE curves, commands and the
@@ -246,7 +251,7 @@ class PreviousRun:
         """The first ``count`` saved images of ``row`` (for the comparison grid)."""
         if row["recipe"] == "fp32":
             return self.fp_images[:count]
-        file = self.out / "samples" / f"{row['recipe']}-{row['setting']}" / "samples.npz"
+        file = row_samples_dir(self.out, row["recipe"], row["setting"]) / "samples.npz"
         if not file.is_file():
             return np.zeros_like(self.fp_images[:count])
         with np.load(file) as saved:
