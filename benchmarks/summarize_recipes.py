@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diffquant.bench import format_cell
 
-COLUMNS = ("fid", "sfid", "precision", "recall", "accuracy", "psnr", "eps_mse", "calib_s", "size_mb")
+COLUMNS = ("fid", "sfid", "precision", "recall", "accuracy", "psnr", "eps_mse", "calib_s", "peak_rss_mb", "size_mb")
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -69,7 +69,10 @@ def markdown(merged: dict) -> str:
     status = "" if merged["complete"] else "\n\n(some source runs had not finished every row)"
     return (f"# {merged['model']}: recipes side by side\n\nN = {p['n']}, {p['scheduler']} {p['steps']} steps, "
             f"η = {p['eta']}, guidance {p['guidance']}, seeds {p['seeds']}; every source run re-sampled the "
-            f"float row from the same seeds (FID {merged['fp32_fid']:.2f} in each).\n\n" + "\n".join(lines)
+            f"float row from the same seeds (FID {merged['fp32_fid']:.2f} in each). calib_s: wall-clock "
+            "seconds of the calibration; peak_rss_mb: the bench process's resident-memory high-water mark "
+            "once the row was done (calibration, sampling and scoring of this and earlier rows together, "
+            "so an upper bound for the row's calibration).\n\n" + "\n".join(lines)
             + f"{status}\n\nSources:\n{sources}\n")
 
 

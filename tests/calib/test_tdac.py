@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -90,11 +91,22 @@ def test_orthogonal_features_dominate_through_diversity():
     # steps 0-2: scaled copies of e0 (cos = 1, far apart in MSE); steps 3-4 orthogonal to all
     vectors = [e[0], 10 * e[0], 100 * e[0], e[1], e[2]]
     features = torch.stack([v.reshape(1, 4, 1, 1).expand(2, 4, 2, 2) for v in vectors])
-    result = tdac(features, 10, lam=1.2, radius=1e-3)
+    with pytest.warns(UserWarning, match="diversity only"):
+        result = tdac(features, 10, lam=1.2, radius=1e-3)
     assert result.density.tolist() == [0, 0, 0, 0, 0]
     positions = 2 * 2 * 2
     assert result.diversity.tolist() == pytest.approx([2 * positions] * 3 + [4 * positions] * 2)
     assert result.counts.tolist() == [0, 0, 0, 5, 5]
+
+
+def test_a_radius_outside_the_distances_warns_with_their_range():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]).reshape(3, 1, 2, 1, 1)  # MSE 0.5, 1, 2.5
+    with pytest.warns(UserWarning, match=r"r=3 \(pairwise feature MSE 0.5\.\.2.5, median 1\)"):
+        result = tdac(features, 6, lam=1.2, radius=3.0)
+    assert result.density.tolist() == [2, 2, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tdac(features, 6, lam=1.2, radius=1.0).density.tolist() == [2, 1, 1]
 
 
 def test_hand_computed_small_case():

@@ -161,6 +161,7 @@ def test_range_search_modes_and_rules_on_a_fresh_wrap(bundle):
                   lambda m: None, EDADMConfig(iters=0), progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:TDAC density")  # the tiny model's features are within r = 3
 def test_tdac_off_sequential_passes_and_weight_only(bundle, trajectories):
     uniform = EDADMConfig(**{**TINY, "tdac": False}).select_calibration(trajectories)
     assert torch.bincount(uniform.steps, minlength=4).tolist() == [2, 2, 1, 1]

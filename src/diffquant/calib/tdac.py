@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -271,12 +272,26 @@ def tdac(features: Tensor, n: int, *, lam: float = 1.2, radius: float = 3.0, see
     if features.shape[0] < 2:
         raise ConfigError("TDAC needs features of at least two steps")
     gram, cos, positions, elements = gram_matrices(features, channel_axis)
-    dens = density(_mse_from_gram(gram, elements), radius)
+    mse = _mse_from_gram(gram, elements)
+    dens = density(mse, radius)
+    if bool((dens == dens[0]).all()):
+        _warn_constant_density(mse, radius)
     div = diversity(cos, positions)
     weights = min_max(dens) + lam * min_max(div)
     counts = allocate_counts(weights, n)
     return TDACResult(counts, assign_steps(counts, seed), dens, div, weights,
                       settings={"n": n, "lambda": lam, "radius": radius, "seed": seed})
+
+
+def _warn_constant_density(mse: Tensor, radius: float) -> None:
+    """The paper's r is in units of the feature MSE, which differs between models: a radius above
+    (or below) every pairwise distance makes density constant and the allocation diversity-only."""
+    off = mse[~torch.eye(mse.shape[0], dtype=torch.bool, device=mse.device)]
+    low, mid, high = (float(off.quantile(q)) for q in (0.0, 0.5, 1.0))
+    warnings.warn(
+        f"TDAC density is the same for every step at radius r={radius:g} (pairwise feature MSE "
+        f"{low:.3g}..{high:.3g}, median {mid:.3g}): the allocation follows diversity only; "
+        "set tdac_radius inside that range to use density", stacklevel=3)
 
 
 def uniform_allocation(num_steps: int, n: int, seed: int = 0) -> TDACResult:

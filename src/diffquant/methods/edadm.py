@@ -88,7 +88,8 @@ class EDADMConfig:
     tdac_b: int = 1024
     #: λ: weight of the diversity score (``--lamda``)
     tdac_lambda: float = 1.2
-    #: r: density radius on the feature MSE (``dense_r``)
+    #: r: density radius on the feature MSE (``dense_r``); its scale depends on the model's features
+    #: (on mnist-resunet every step pair is within MSE 0.77, so r = 3 gives constant density and a warning)
     tdac_radius: float = 3.0
     #: feature hook: a module name, or auto (calib.tdac.default_feature_layer)
     tdac_feature_layer: str = "auto"
