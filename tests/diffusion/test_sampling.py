@@ -156,6 +156,26 @@ def test_uint8_conversion_clamps_and_rounds():
 
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).reshape(1, 1, 1, 5)
     assert to_uint8(x).reshape(-1).tolist() == [0, 0, 128, 255, 255]
+    bad = torch.tensor([float("nan"), float("inf"), float("-inf")]).reshape(1, 1, 1, 3)
+    assert to_uint8(bad).reshape(-1).tolist() == [0, 255, 0]
+
+
+def test_diverged_samples_are_counted_and_warned():
+    class Diverges(torch.nn.Module):
+        """NaN noise prediction for the second sample of every batch."""
+
+        def forward(self, x, t):
+            out = torch.zeros_like(x)
+            out[1:2] = float("nan")
+            return out
+
+    plain = DiffusionBundle("diverges", Diverges(), linear_ddpm_config(), (1, 8, 8))
+    with pytest.warns(UserWarning, match="1 of 3 samples from diverges contain NaN"):
+        result = sample(plain, 3, steps=2, batch_size=3, progress=False)
+    assert result.settings["non_finite"] == 1
+    assert (result.images[1] == 0).all()
+    healthy = sample(tiny_bundle(), 2, steps=2, progress=False)
+    assert healthy.settings["non_finite"] == 0
 
 
 def test_bad_inputs_are_clear_errors():

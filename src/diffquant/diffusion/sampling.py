@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -80,9 +81,17 @@ def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
 
 
+def count_non_finite(samples: Tensor) -> int:
+    """How many samples [N, ...] hold at least one NaN or Inf."""
+    if samples.numel() == 0:
+        return 0
+    return int((~torch.isfinite(samples)).flatten(1).any(1).sum())
+
+
 def to_uint8(samples: Tensor) -> np.ndarray:
-    """[-1, 1] floats [N, C, H, W] → uint8 [N, H, W, C] (clamped, rounded)."""
-    x = ((samples.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """[-1, 1] floats [N, C, H, W] → uint8 [N, H, W, C] (clamped, rounded; NaN → 0)."""
+    x = samples.detach().float().nan_to_num(nan=-1.0)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -255,10 +264,15 @@ def sample(bundle: DiffusionBundle, n: int, *, seed: int = 0, start_index: int =
         samples = torch.from_numpy(distributed.gather_numpy(samples.numpy()))
         idx = distributed.gather_numpy(idx)
         labels = None if labels is None else distributed.gather_numpy(labels)
+    non_finite = count_non_finite(samples)
+    if non_finite and info.is_main:
+        warnings.warn(f"{non_finite} of {len(samples)} samples from {bundle.name} contain NaN or "
+                      "Inf (the denoiser diverged); they are saved as black images", stacklevel=2)
     settings = {
         "model": bundle.name, "n": n, "seed": seed, "start_index": start_index,
         "scheduler": scheduler, "steps": steps, "eta": eta, "guidance": guidance,
         "classes": None if classes is None else [int(c) for c in classes],
+        "non_finite": non_finite,
     }
     return SampleResult(images=to_uint8(samples), samples=samples, labels=labels,
                         indices=idx, settings=settings)
