@@ -101,6 +101,27 @@ def test_cache_reopens_and_is_reused(tmp_path):
     assert counter.calls == 3 and other.path != first.path
 
 
+def test_cache_with_more_features_is_reused_without_sampling(tmp_path):
+    bundle = tiny_bundle()
+    hooks = {"mid": bundle.unet.mid_block}
+    with_features = capture_trajectories(bundle, 3, steps=3, batch_size=3, cache_dir=tmp_path,
+                                         feature_hooks=hooks, progress=False)
+    counter = Counting(bundle.unet)
+    plain = capture_trajectories(bundle.with_unet(counter), 3, steps=3, batch_size=3, cache_dir=tmp_path,
+                                 progress=False)
+    assert counter.calls == 0 and plain.path == with_features.path
+    torch.testing.assert_close(plain.xs(1), reference_trajectories(bundle, 3, 3)[1])
+    # the reverse does not hold: a plain cache cannot serve a request for features
+    capture_trajectories(bundle, 3, steps=3, seed=5, batch_size=3, cache_dir=tmp_path, progress=False)
+    featured = capture_trajectories(bundle.with_unet(counter), 3, steps=3, seed=5, batch_size=3,
+                                    cache_dir=tmp_path, feature_hooks=hooks, progress=False)
+    assert counter.calls == 3 and featured.feature_names == ["mid"]
+    # other settings (seed) never match a cache made with more features
+    capture_trajectories(bundle.with_unet(counter), 3, steps=3, seed=6, batch_size=3, cache_dir=tmp_path,
+                         progress=False)
+    assert counter.calls == 6
+
+
 def test_memory_bound_is_respected_by_flushing(tmp_path):
     bundle = tiny_bundle()
     step_bytes = 4 * 1 * 8 * 8 * 4  # batch 4, float32 x_t

@@ -121,6 +121,30 @@ def _cache_path(cache_dir: str | os.PathLike | None, digest: str) -> Path:
     return root / f"traj-{digest[:16]}"
 
 
+def _cache_with_more_features(root: Path, settings: Mapping[str, Any]) -> Path | None:
+    """A complete cache under ``root`` made with the same settings but extra feature hooks.
+
+    Feature hooks only record inputs, so its trajectories are the ones a capture with fewer
+    hooks would produce; reusing it saves a full sampling pass (e.g. a uniform-selection run
+    after a TDAC run on the same trajectories).
+    """
+    want = {k: v for k, v in settings.items() if k != "features"}
+    want_features = settings.get("features", {}).items()
+    candidates = sorted(root.glob("traj-*")) if root.is_dir() else []
+    for candidate in candidates:
+        try:
+            index = json.loads((candidate / "index.json").read_text())
+            theirs = dict(index["settings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        features = theirs.pop("features", {})
+        if (json.dumps(theirs, sort_keys=True, default=str) == json.dumps(want, sort_keys=True, default=str)
+                and want_features <= features.items()
+                and TrajectoryCache.is_complete(candidate, index.get("hash", ""))):
+            return candidate
+    return None
+
+
 def capture_trajectories(bundle: DiffusionBundle, n: int, *, steps: int = 50, scheduler: str = "ddim",
                          eta: float = 0.0, guidance: float = 1.0, classes: Sequence[int] | None = None,
                          seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
@@ -130,7 +154,8 @@ def capture_trajectories(bundle: DiffusionBundle, n: int, *, steps: int = 50, sc
     """Sample ``n`` full-precision trajectories and store every step in a trajectory cache.
 
     The cache lives in ``cache_dir/traj-<hash>`` (``cache_dir`` defaults to the diffquant cache);
-    with ``reuse`` an existing complete cache with the same settings is returned without sampling.
+    with ``reuse`` an existing complete cache with the same settings (or the same settings and more
+    feature hooks) is returned without sampling.
     ``feature_hooks`` maps names to modules of ``bundle.unet`` whose first positional input is
     recorded at every step (under CFG the cond half as ``name`` and the uncond half as
     ``name@uncond``). Works under torch.distributed: each rank captures its own samples into the
@@ -151,6 +176,9 @@ def capture_trajectories(bundle: DiffusionBundle, n: int, *, steps: int = 50, sc
 
     if reuse and distributed.all_agree(TrajectoryCache.is_complete(path, digest)):
         return TrajectoryCache.open(path)
+    wider = _cache_with_more_features(path.parent, settings) if reuse else None
+    if distributed.all_agree(wider is not None):
+        return TrajectoryCache.open(wider)
     if info.is_main:
         if path.exists():
             shutil.rmtree(path)
