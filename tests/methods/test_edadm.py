@@ -179,6 +179,23 @@ def test_tdac_off_sequential_passes_and_weight_only(bundle, trajectories):
     assert {r["pass_name"] for r in qmodel.recon_records} == {"fbr"}
 
 
+def test_activation_range_search_reports_progress(bundle, trajectories, capsys):
+    from diffquant.methods.edadm import init_activations
+    from diffquant.methods.stages import init_weight_quantizers
+    from diffquant.recon.cache import CalibrationCalls
+
+    config = EDADMConfig(**TINY)
+    data = CalibrationCalls(config.select_calibration(trajectories).with_uncond(), bundle.predict_noise, "cpu")
+    qmodel = wrap(bundle, config)
+    configure_range_search(qmodel, config.range_search)
+    init_weight_quantizers(qmodel)
+    init_activations(qmodel, data, config, progress=True)
+    assert "activation ranges (symmetric_1d)" in capsys.readouterr().err
+    assert all(bool(q.initialized.all()) for q in qmodel.quantizers("act").values() if q.active)
+    init_activations(qmodel, data, config, progress=False)
+    assert "activation ranges" not in capsys.readouterr().err
+
+
 def test_config_validation(bundle):
     with pytest.raises(ConfigError, match="range_search"):
         EDADMConfig(range_search="2d")

@@ -322,7 +322,7 @@ def configure_range_search(qmodel: QuantModel, mode: str = "auto") -> None:
 
 
 def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: EDADMConfig,
-                     forward_loop: ForwardLoop | None = None) -> None:
+                     forward_loop: ForwardLoop | None = None, progress: bool = False) -> None:
     """§4.2: stream ``act_init_n`` samples (all by default) in batches of ``act_init_batch`` with
     weights and activations quantized; each batch runs every activation search and smooths the
     range (``edadm_grid``: 0.9·old + 0.1·batch). Without data the ``forward_loop`` is used."""
@@ -333,7 +333,8 @@ def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: 
         return
     n = len(data) if config.act_init_n is None else min(config.act_init_n, len(data))
     subset = data if n == len(data) else data.subset(slice(0, n))
-    observe_activations(qmodel, _loop(subset, config.act_init_batch, bool(qmodel.timestep_index.timesteps)))
+    desc = f"activation ranges ({config.range_search})" if progress else None
+    observe_activations(qmodel, _loop(subset, config.act_init_batch, bool(qmodel.timestep_index.timesteps), desc))
 
 
 def _check_wrapping(qmodel: QuantModel, config: EDADMConfig) -> None:
@@ -408,7 +409,7 @@ def run_edadm(
     if not resumed:
         init_weight_quantizers(qmodel)
         if quant.quantize_acts and qmodel.quantizers("act"):
-            init_activations(qmodel, data, config, forward_loop)
+            init_activations(qmodel, data, config, forward_loop, progress=progress)
 
     records: list[UnitRecord] = []
     if data is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import PICKS, CalibrationSet, from_pairs, uniform
@@ -236,9 +237,11 @@ def _init_subset(data: CalibrationCalls, config: QDiffusionConfig) -> Calibratio
     return data.subset(torch.randperm(len(data), generator=gen)[:n].sort().values)
 
 
-def _loop(data: CalibrationCalls, batch_size: int, one_timestep: bool) -> ForwardLoop:
+def _loop(data: CalibrationCalls, batch_size: int, one_timestep: bool, desc: str | None = None) -> ForwardLoop:
+    """Every calibration call once, in batches; a progress bar titled ``desc`` unless it is None."""
     def loop(model: nn.Module) -> None:
-        for index in data.slices(batch_size, one_timestep):
+        index_slices = list(data.slices(batch_size, one_timestep))
+        for index in tqdm(index_slices, desc=desc, disable=desc is None, leave=False):
             data.run(model, index)
 
     return loop
