@@ -128,7 +128,7 @@ def _cache_with_more_features(root: Path, settings: Mapping[str, Any]) -> Path |
     hooks would produce; reusing it saves a full sampling pass (e.g. a uniform-selection run
     after a TDAC run on the same trajectories).
     """
-    want = {k: v for k, v in settings.items() if k != "features"}
+    want = settings_hash({k: v for k, v in settings.items() if k != "features"})
     want_features = settings.get("features", {}).items()
     candidates = sorted(root.glob("traj-*")) if root.is_dir() else []
     for candidate in candidates:
@@ -138,8 +138,7 @@ def _cache_with_more_features(root: Path, settings: Mapping[str, Any]) -> Path |
         except (OSError, ValueError, KeyError, TypeError):
             continue
         features = theirs.pop("features", {})
-        if (json.dumps(theirs, sort_keys=True, default=str) == json.dumps(want, sort_keys=True, default=str)
-                and want_features <= features.items()
+        if (settings_hash(theirs) == want and want_features <= features.items()
                 and TrajectoryCache.is_complete(candidate, index.get("hash", ""))):
             return candidate
     return None

@@ -83,8 +83,6 @@ def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -
 
 def count_non_finite(samples: Tensor) -> int:
     """How many samples [N, ...] hold at least one NaN or Inf."""
-    if samples.numel() == 0:
-        return 0
     return int((~torch.isfinite(samples)).flatten(1).any(1).sum())
 
 
