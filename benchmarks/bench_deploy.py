@@ -18,7 +18,14 @@ is reported, not counted in the call time), onnxruntime fp32 and onnxruntime int
 (``integer`` graphs: ConvInteger/MatMulInteger) at each ``--bits`` setting. Quantized models come
 from the naive recipe calibrated on Gaussian-noise inputs at a few timesteps (timings and sizes do
 not depend on calibration quality). Each backend's denoiser output is compared with the
-fake-quant model's (relative RMS) as a sanity check.
+fake-quant model's (relative RMS) as a sanity check, and with the float model's.
+
+Anchors (W8A8, the option a user picks first), measured in the same run on the same model and
+calibration inputs: onnxruntime's own ``quantize_static`` (QDQ, per-channel int8 weights, uint8
+activations, MinMax calibration, then onnxruntime's fusions) and PyTorch's PT2E static int8
+(``X86InductorQuantizer`` + ``torch.compile`` with freezing, from torchao — ``pip install torchao``;
+the row is skipped without it). The CPU's ISA flags (VNNI/AMX) and whether oneDNN's int8 products
+saturate (:func:`diffquant.export.int8_backend.int8_products_saturate`) are recorded.
 
     python benchmarks/bench_deploy.py                      # writes benchmarks/results/deploy.{json,md}
     python benchmarks/bench_deploy.py --tiny --out /tmp/d  # seconds: checks that everything runs
@@ -41,6 +48,24 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE_BITS = (8, 4, 3, 2)
 TARGET_W4_RATIO = 7.0
+
+
+def cpu_isa() -> dict:
+    """The CPU's int8-relevant ISA flags, PyTorch's dispatch level and the oneDNN saturation probe."""
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    from diffquant.export.int8_backend import int8_kernels_available, int8_products_saturate
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+    return {"flags": [f for f in wanted if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "int8_products_saturate": int8_products_saturate() if int8_kernels_available() else None}
 
 
 # ------------------------------------------------------------------------------------- models
@@ -203,6 +228,7 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
         tag = f"W{wbits}A{abits}"
         qmodel = calibrated(bundle, wbits, abits, args.batch)
         backends.append((f"pytorch fake-quant {tag}", qmodel, tag))
+        backends.append((f"pytorch fake-quant float64 {tag} (float-rounding floor)", _Float64(qmodel), tag))
         if int8_kernels_available():
             int8 = to_int8(qmodel)
             backends.append((f"pytorch int8 {tag}", int8, tag))
@@ -212,20 +238,27 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
             result = export_onnx(qmodel, example, workdir / f"{tag}_{mode}.onnx", mode=mode)
             backends.append((f"onnxruntime {mode} {tag}", OnnxDenoiser(result.paths[0], threads=args.threads), tag))
 
-    rows, reference = [], {}
+    if (8, 8) in settings:
+        backends += anchor_backends(bundle, args, workdir, path, batch_shape=x.shape)
+
+    rows, reference, float_out = [], {}, None
     for name, model, tag in backends:
         row = {"backend": name, "setting": tag or "fp32"}
         start = time.perf_counter()
         with torch.no_grad():
             out = bundle.predict_noise(model, x, t, kwargs.get("class_labels"))
-        if "torch.compile" in name:
+        if "torch.compile" in name and hasattr(model, "compiled_ok"):
             row["compile_s"] = time.perf_counter() - start  # the first call compiles
             row["compiled"] = bool(model.compiled_ok)
-        if name.startswith("pytorch fake-quant"):
+        if name == f"pytorch fake-quant {tag}":
             reference[tag] = out
+        if name == "pytorch fp32":
+            float_out = out
+        elif float_out is not None:
+            row["rel_rms_vs_float"] = _rel_rms(out, float_out)
         with torch.no_grad():
             row["call_s"] = _median_seconds(lambda: bundle.predict_noise(model, x, t, kwargs.get("class_labels")), args.reps)
-        if tag is not None and tag in reference:
+        if tag is not None and tag in reference and not name.startswith("anchor"):
             row["rel_rms_vs_fake_quant"] = _rel_rms(out, reference[tag])
         if not args.no_sample:
             start = time.perf_counter()
@@ -235,6 +268,116 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
         print(f"  {bundle.name:28s} {name:32s} call {row['call_s'] * 1e3:8.1f} ms"
               + (f"  sample {row['sample_s']:7.1f} s" if "sample_s" in row else ""), flush=True)
     return rows
+
+
+def _calibration_inputs(bundle, batch: int) -> list:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for t in (900, 500, 100, 10):
+        x = torch.randn(min(batch, 8), *bundle.sample_shape, generator=gen)
+        out.append((x, torch.full((x.shape[0],), t)))
+    return out
+
+
+class _PredictNoise(torch.nn.Module):
+    """(x, t) -> the bundle's noise prediction, with t as float (PT2E observers cannot take int64)."""
+
+    def __init__(self, bundle, model):
+        super().__init__()
+        self.bundle, self.model = bundle, model
+
+    def forward(self, x, t):
+        return self.bundle.predict_noise(self.model, x, t)
+
+
+class _Float64(torch.nn.Module):
+    """The fake-quant model in float64: the same quantized network with other float rounding."""
+
+    def __init__(self, qmodel):
+        super().__init__()
+        import copy
+
+        self.model = copy.deepcopy(qmodel).double()
+
+    def forward(self, x, t, *args, **kwargs):
+        out = self.model(x.double(), t, *args, **kwargs)
+        return (out if isinstance(out, torch.Tensor) else out[0]).float()
+
+
+def anchor_backends(bundle, args, workdir: Path, fp32_onnx: Path, batch_shape) -> list:
+    """W8A8 int8 models made by other toolkits' own static quantization, same calibration inputs."""
+    out = []
+    calib = _calibration_inputs(bundle, args.batch)
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from diffquant.export.onnx_runtime import OnnxDenoiser
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.items = iter(calib)
+                import onnx
+
+                self.names = [i.name for i in onnx.load(str(fp32_onnx)).graph.input]
+
+            def get_next(self):
+                item = next(self.items, None)
+                if item is None:
+                    return None
+                x, t = item
+                feeds = dict(zip(self.names, (x.numpy(), t.numpy())))
+                extra = bundle.example_inputs(x.shape[0])[1]  # e.g. class_labels of a conditional model
+                for name in self.names[2:]:
+                    feeds[name] = extra[name].numpy()
+                return feeds
+
+        target = workdir / "ort_quantize_static.onnx"
+        quantize_static(str(fp32_onnx), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        out.append(("anchor: onnxruntime quantize_static W8A8", OnnxDenoiser(target, threads=args.threads), "W8A8"))
+    except Exception as exc:  # the anchor is optional; say why it is missing
+        print(f"  onnxruntime quantize_static skipped: {exc}", flush=True)
+    try:
+        import torch._inductor.config as inductor_config
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        wrapped = _PredictNoise(bundle, bundle.unet).eval()
+        x0 = torch.randn(*batch_shape)
+        t0 = torch.full((batch_shape[0],), 500.0)
+        exported = torch.export.export(wrapped, (x0, t0)).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for x, t in calib:
+                prepared(torch.cat([x, x])[: batch_shape[0]], torch.cat([t, t])[: batch_shape[0]].float())
+        converted = convert_pt2e(prepared)
+        with inductor_config.patch(freezing=True):
+            compiled = torch.compile(converted)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled(x0, t0)
+        print(f"  PT2E compiled in {time.perf_counter() - start:.0f} s", flush=True)
+
+        class Frozen(torch.nn.Module):
+            def forward(self, x, t, *_):
+                with inductor_config.patch(freezing=True):
+                    return compiled(x, torch.as_tensor(t).float().reshape(-1).expand(x.shape[0]))
+
+        out.append(("anchor: pytorch PT2E X86InductorQuantizer W8A8 + torch.compile", _AsUnet(Frozen()), "W8A8"))
+    except Exception as exc:
+        print(f"  PT2E skipped: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", flush=True)
+    return out
+
+
+class _AsUnet(torch.nn.Module):
+    """Called by the bundle like its denoiser: the wrapped model already returns the noise prediction."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, *args, **kwargs):
+        return self.model(x, t)
 
 
 # ------------------------------------------------------------------------------------- report
@@ -250,13 +393,17 @@ def speedup_lines(rows: list[dict]) -> list[str]:
             continue
         best_fp = min(fp, key=lambda r: r[key])
         for setting in sorted({r["setting"] for r in rows} - {"fp32"}):
-            ints = [r for r in rows if r["setting"] == setting and ("int8" in r["backend"] or "integer" in r["backend"])]
+            ints = [r for r in rows if r["setting"] == setting and not r["backend"].startswith("anchor")
+                    and ("int8" in r["backend"] or "integer" in r["backend"])]
             if not ints:
                 continue
             best = min(ints, key=lambda r: r[key])
             ratio = best_fp[key] / best[key]
             lines.append(f"- {setting}, per {what}: {best['backend']} is {ratio:.2f}× faster than {best_fp['backend']} "
                          f"(goal ≥ {TARGET_SPEEDUP}×: {'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}).")
+            for anchor in (r for r in rows if r["setting"] == setting and r["backend"].startswith("anchor") and key in r):
+                lines.append(f"- {setting}, per {what}: {best['backend']} takes {best[key] / anchor[key]:.2f}× the time "
+                             f"of {anchor['backend'][8:]} (goal ≤ 1.0×: {'met' if best[key] <= anchor[key] else 'NOT met'}).")
     return lines
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +411,12 @@ def write_report(results: dict, out: Path) -> None:
     lines = ["# Real low-bit deployment: size and CPU speed", "", f"Command: `{results['command']}`", "",
              f"Machine: {results['machine']}; torch {results['torch']}, onnxruntime {results['onnxruntime']}; "
              f"{results['threads']} threads, batch {results['batch']}, {results['steps']}-step DDIM samples; "
-             f"load average at start {results['loadavg']}.", ""]
+             f"load average at start {results['loadavg']}.", "",
+             f"CPU ISA: {', '.join(results['isa']['flags']) or 'none of avx2/avx512/vnni/amx'}; PyTorch dispatch "
+             f"{results['isa']['torch_cpu_capability']}; ONEDNN_MAX_CPU_ISA={results['isa']['onednn_max_cpu_isa']}; "
+             f"oneDNN int8 products saturate: {results['isa']['int8_products_saturate']}.", "",
+             "The fake-quant model disagrees with itself at this level too: rounding boundaries make single codes "
+             "flip under any change of float order, and flips multiply downstream (see docs/deploy.md).", ""]
     for model in results["models"]:
         lines += [f"## {model['name']} ({model['params_M']:.1f} M parameters)", "", "| checkpoint | MiB | × smaller than fp32 |",
                   "|---|---:|---:|"]
@@ -273,13 +425,15 @@ def write_report(results: dict, out: Path) -> None:
         w4 = model["sizes"]["W4"]["x smaller than fp32"]
         lines += ["", f"W4 is {w4:.2f}× smaller than fp32 (goal ≥ {TARGET_W4_RATIO}×: {'met' if w4 >= TARGET_W4_RATIO else 'NOT met'}).", ""]
         if model.get("speed"):
-            lines += ["| backend | ms / denoiser call | s / full sample | rel. RMS vs fake-quant |", "|---|---:|---:|---:|"]
+            lines += ["| backend | ms / denoiser call | s / full sample | rel. RMS vs fake-quant | rel. RMS vs float |",
+                      "|---|---:|---:|---:|---:|"]
             for row in model["speed"]:
                 sample_s = f"{row['sample_s']:.1f}" if "sample_s" in row else "-"
                 rel = f"{row['rel_rms_vs_fake_quant']:.2e}" if "rel_rms_vs_fake_quant" in row else "-"
+                rel_fp = f"{row['rel_rms_vs_float']:.2e}" if "rel_rms_vs_float" in row else "-"
                 note = f" (compiled in {row['compile_s']:.0f} s)" if row.get("compiled") else (
                     " (compile failed: eager)" if "compiled" in row else "")
-                lines.append(f"| {row['backend']}{note} | {row['call_s'] * 1e3:.1f} | {sample_s} | {rel} |")
+                lines.append(f"| {row['backend']}{note} | {row['call_s'] * 1e3:.1f} | {sample_s} | {rel} | {rel_fp} |")
             lines += [""] + speedup_lines(model["speed"]) + [""]
     (out / "deploy.md").write_text("\n".join(lines) + "\n")
 
@@ -321,7 +475,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "threads": args.threads, "batch": args.batch, "steps": args.steps, "reps": args.reps,
-        "loadavg": [round(v, 2) for v in os.getloadavg()], "models": [],
+        "loadavg": [round(v, 2) for v in os.getloadavg()], "isa": cpu_isa(), "models": [],
     }
     for bundle in load_bundles(args.models, args.tiny):
         print(f"{bundle.name}: sizes", flush=True)

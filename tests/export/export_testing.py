@@ -23,14 +23,36 @@ def rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt())
 
 
-def assert_matches_fake_quant(got, fake, float_out, *, rel=2e-2, share=0.25):
-    """Integer paths differ from the fake-quant model only by float rounding in the
-    accumulation, which now and then moves an activation across a rounding boundary (one code,
-    one step s) and the change propagates. So: the relative RMS difference is below ``rel`` and
-    below ``share`` of the quantization error itself (fake-quant vs float)."""
+def float64_copy(model):
+    """A float64 copy of a (fake-quant) model: the same quantized network with other float rounding."""
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def model_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters()), torch.float32) if isinstance(model, nn.Module) else torch.float32
+
+
+def assert_matches_fake_quant(got, fake, float_out, *, fake64=None, rel=1e-3, share=0.25):
+    """Integer paths differ from the fake-quant model only by float rounding in the accumulation
+    (single layers are checked to float rounding elsewhere). Now and then that rounding moves an
+    activation across a rounding boundary (one code, one step s), and the change propagates and
+    multiplies downstream within that sample. So: the relative RMS difference is ≤ ``rel``
+    (1e-3), or, where one such cascade lifts it above, the median sample is within ``rel``, or the
+    fake-quant model itself differs as much from its own float64 copy ``fake64`` (the same
+    quantized network, other float rounding: 2× that spread is allowed). A kernel bug (e.g.
+    saturating int16 products) fails all three. Always below ``share`` of the quantization
+    error itself (fake-quant vs float)."""
     diff = rms(got - fake) / rms(fake)
     quant_error = rms(fake - float_out) / rms(float_out)
-    assert diff <= rel, f"relative RMS difference {diff:.3g} > {rel}"
+    if diff > rel:
+        per_sample = sorted(rms(g - f) / rms(f) for g, f in zip(got, fake))
+        median = per_sample[len(per_sample) // 2]
+        spread = None if fake64 is None else rms(fake64.float() - fake) / rms(fake)
+        assert median <= rel or (spread is not None and diff <= 2 * spread), (
+            f"relative RMS difference {diff:.3g} > {rel}, median sample {median:.3g}, fake-quant float32-vs-float64 "
+            f"spread {spread if spread is None else f'{spread:.3g}'}")
     assert diff <= share * quant_error, f"difference {diff:.3g} not small against the quantization error {quant_error:.3g}"
     return diff
 

@@ -11,13 +11,13 @@ from diffquant.export.int8_backend import to_int8
 from diffquant.export.onnx_export import export_onnx
 from diffquant.export.onnx_runtime import OnnxDenoiser
 from diffquant.quant.variants import PTSQuantizer, replace_module
-from export_testing import assert_matches_fake_quant
+from export_testing import float64_copy, model_dtype, assert_matches_fake_quant
 
 
 def _call(model, unet_inputs, batch=3, t=10, seed=7):
     (x, ts), kw = unet_inputs(batch=batch, t=t, seed=seed)
     with torch.no_grad():
-        out = model(x * (1 + t / 250), ts, **kw)
+        out = model((x * (1 + t / 250)).to(model_dtype(model)), ts, **kw)
     return out if isinstance(out, torch.Tensor) else out.sample
 
 
@@ -46,23 +46,42 @@ def test_onnx_applies_folded_divisors(mode, calibrated_unet, unet_inputs, tmp_pa
     assert not torch.allclose(fake, before)  # the divisors change the model
     result = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "u.onnx", mode=mode)
     got = _call(OnnxDenoiser(result.paths[0], threads=1), unet_inputs)
-    assert_matches_fake_quant(got, fake, _call(unet, unet_inputs))
+    assert_matches_fake_quant(got, fake, _call(unet, unet_inputs), fake64=_call(float64_copy(qmodel), unet_inputs))
 
 
 def test_int8_backend_applies_folded_divisors(calibrated_unet, unet_inputs):
     unet, qmodel = calibrated_unet(8, 8)
     _with_divisors(qmodel)
-    assert_matches_fake_quant(_call(to_int8(qmodel), unet_inputs), _call(qmodel, unet_inputs), _call(unet, unet_inputs))
+    assert_matches_fake_quant(_call(to_int8(qmodel), unet_inputs), _call(qmodel, unet_inputs), _call(unet, unet_inputs),
+                              fake64=_call(float64_copy(qmodel), unet_inputs))
 
 
-def test_pts_factors_are_refused_with_a_clear_message(calibrated_unet, unet_inputs, tmp_path):
-    _, qmodel = calibrated_unet(8, 8)
+@pytest.mark.parametrize("mode", ["qdq", "integer"])
+def test_pts_factors_export_as_per_channel_qdq(mode, calibrated_unet, unet_inputs, tmp_path):
+    """Power-of-two step factors (DMQ PTS) on top of a folded τ: x·(1/m) → Q/DQ → ·m, exact;
+    integer graphs keep that layer on Q/DQ and say so. A factor that is not a power of two is refused."""
+    unet, qmodel = calibrated_unet(8, 8)
     _with_divisors(qmodel)
-    name, layer = next((n, l) for n, l in qmodel.layers().items() if l.use_act_quant)
+    name, layer = next((n, l) for n, l in qmodel.layers().items() if l.use_act_quant and l.kind == "Conv2d")
     assert input_divisor_of(layer.act_quantizers[0]) is not None
+    before = _call(qmodel, unet_inputs)
     layer.act_quantizers[0].multiplier[0, 0] = 0.5
+    layer.act_quantizers[0].multiplier[0, 1] = 4.0
+    fake = _call(qmodel, unet_inputs)
+    assert not torch.equal(fake, before)
+    result = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "u.onnx", mode=mode)
+    if mode == "integer":
+        assert "DMQ PTS" in result.not_integer[name]
+    got = _call(OnnxDenoiser(result.paths[0], threads=1), unet_inputs)
+    assert_matches_fake_quant(got, fake, _call(unet, unet_inputs), fake64=_call(float64_copy(qmodel), unet_inputs))
+    layer.act_quantizers[0].multiplier[0, 0] = 0.3
     with pytest.raises(ExportError, match="power-of-two"):
-        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "u.onnx")
+        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "v.onnx")
+    layer.act_quantizers[0].multiplier[0, 0] = 1.0
+    linear = next(l for l in qmodel.layers().values() if l.use_act_quant and l.kind == "Linear")
+    linear.act_quantizers[0].multiplier[0, 0] = 2.0  # PTS on a Linear input: refused, not exported wrong
+    with pytest.raises(ExportError, match="power-of-two"):
+        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "w.onnx")
 
 
 def test_packed_file_keeps_folded_divisors(calibrated_unet, make_unet, unet_inputs, tmp_path):

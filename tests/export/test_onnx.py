@@ -15,18 +15,20 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from torch import nn
 
 from diffquant.config import QuantConfig
 from diffquant.errors import ConfigError
 from diffquant.export.codes import ExportError
 from diffquant.export.onnx_export import export_float_onnx, export_onnx
 from diffquant.export.onnx_runtime import OnnxDenoiser, optimized_op_types
-from export_testing import MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules
+from diffquant.model import quantize
+from export_testing import float64_copy, model_dtype, MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules
 
 
 def _call(model, unet_inputs, batch=3, t=10, seed=7):
     (x, ts), kw = unet_inputs(batch=batch, t=t, seed=seed)
-    x = x * (1 + t / 250)
+    x = (x * (1 + t / 250)).to(model_dtype(model))
     with torch.no_grad():
         out = model(x, ts, **kw)
     return out if isinstance(out, torch.Tensor) else out.sample
@@ -62,7 +64,8 @@ def test_tiny_unet_export_runs_in_onnxruntime_like_fake_quant(mode, bits, calibr
     denoiser = OnnxDenoiser(result.paths[0], threads=1)
     got = _call(denoiser, unet_inputs)  # batch 3: the batch dimension is dynamic
     assert got.shape == (3, 3, 8, 8)
-    assert_matches_fake_quant(got, _call(qmodel, unet_inputs), _call(unet, unet_inputs))
+    assert_matches_fake_quant(got, _call(qmodel, unet_inputs), _call(unet, unet_inputs),
+                              fake64=_call(float64_copy(qmodel), unet_inputs))
 
 
 def test_sub_8_bit_grids_are_restricted_subsets_of_int8(calibrated_unet, unet_inputs, tmp_path):
@@ -74,8 +77,8 @@ def test_sub_8_bit_grids_are_restricted_subsets_of_int8(calibrated_unet, unet_in
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert weights and all(w.min() >= -15 and w.max() <= 15 for w in weights)
     assert _ops(path)["Clip"] >= len(qmodel.plan.layers)
-    assert_matches_fake_quant(_call(OnnxDenoiser(path, threads=1), unet_inputs), _call(qmodel, unet_inputs),
-                              _call(unet, unet_inputs))
+    assert_matches_fake_quant(_call(OnnxDenoiser(path, threads=1), unet_inputs), _call(qmodel, unet_inputs), _call(unet, unet_inputs),
+                              fake64=_call(float64_copy(qmodel), unet_inputs))
 
 
 def test_one_graph_per_timestep_group(calibrated_unet, unet_inputs, tmp_path):
@@ -91,7 +94,8 @@ def test_one_graph_per_timestep_group(calibrated_unet, unet_inputs, tmp_path):
     outs = []
     for t in steps:
         got = _call(denoiser, unet_inputs, t=t)
-        assert_matches_fake_quant(got, _call(qmodel, unet_inputs, t=t), _call(unet, unet_inputs, t=t))
+        assert_matches_fake_quant(got, _call(qmodel, unet_inputs, t=t), _call(unet, unet_inputs, t=t),
+                              fake64=_call(float64_copy(qmodel), unet_inputs, t=t))
         outs.append(got)
     # the graphs really differ: the t=1 input through the t=999 graph gives another answer
     session = denoiser.sessions[0]
@@ -112,7 +116,7 @@ def test_catnet_transposed_conv_split_and_linear(calibrated_catnet, tmp_path):
         onnx.checker.check_model(onnx.load(str(result.paths[0])), full_check=True)
         got = OnnxDenoiser(result.paths[0], threads=1)(x)
         with torch.no_grad():
-            assert_matches_fake_quant(got, qmodel(x), net(x))
+            assert_matches_fake_quant(got, qmodel(x), net(x), fake64=float64_copy(qmodel)(x.double()))
     assert result.not_integer == {"up": "no ONNX integer operator for ConvTranspose2d"}
 
 
@@ -122,7 +126,8 @@ def test_layers_left_in_float_by_rules(calibrated_unet, unet_inputs, tmp_path):
     result = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "rules.onnx", mode="integer")
     assert result.not_integer == MIXED_RULE_REASONS
     got = _call(OnnxDenoiser(result.paths[0], threads=1), unet_inputs)
-    assert_matches_fake_quant(got, _call(qmodel, unet_inputs), _call(unet, unet_inputs))
+    assert_matches_fake_quant(got, _call(qmodel, unet_inputs), _call(unet, unet_inputs),
+                              fake64=_call(float64_copy(qmodel), unet_inputs))
 
 
 def test_float_export_matches_the_float_model(calibrated_unet, unet_inputs, tmp_path):
@@ -146,9 +151,17 @@ def test_inexpressible_models_give_clear_errors(calibrated_unet, make_unet, unet
         export_onnx(qmodel, (torch.zeros(1),), tmp_path / "a.onnx")
     _, learned = calibrated_unet(8, 8)
     q = next(iter(learned.quantizers("act").values()))
-    q.zero_point.data += 0.25  # a real-valued (learned) zero point has no integer code
+    q.zero_point.data += 0.25  # a real-valued (learned) zero point has no integer code: rounded, and said so
+    with pytest.warns(UserWarning, match=r"rounded the real-valued zero points of 1 quantizers .*output change"):
+        result = export_onnx(learned, unet_inputs(batch=2), tmp_path / "b.onnx")
+    assert list(result.preparation.rounded_zero_points.values()) == [pytest.approx(0.25)]
+    assert result.preparation.output_change is not None  # measured (here ~0: z only moves the clamp bounds)
+    assert json.loads(result.sidecar.read_text())["preparation"]["rounded_zero_points"]
+    assert not torch.equal(q.zero_point, torch.round(q.zero_point))  # the caller's model is left alone
+    from diffquant.export.codes import act_codes
+
     with pytest.raises(ExportError, match="real-valued activation zero point"):
-        export_onnx(learned, unet_inputs(batch=2), tmp_path / "b.onnx")
+        act_codes(q, 0, "input")  # the code-level check that the preparation step answers
 
 
 @pytest.mark.slow
@@ -169,8 +182,71 @@ def test_mnist_resunet_export(tmp_path):
     (x, t), _ = example
     with torch.no_grad():
         fake, float_out = qmodel(x, t), bundle.unet(x, t)
+        fake64 = float64_copy(qmodel)(x.double(), t)
     for mode in ("qdq", "integer"):
         result = export_onnx(qmodel, example, tmp_path / f"resunet_{mode}.onnx", mode=mode)
         onnx.checker.check_model(onnx.load(str(result.paths[0])), full_check=True)
         got = OnnxDenoiser(result.paths[0], threads=1)(x, t)
-        assert_matches_fake_quant(got, fake, float_out, rel=3e-2)
+        assert_matches_fake_quant(got, fake, float_out, fake64=fake64)
+
+
+@pytest.mark.parametrize("mode", ["qdq", "integer"])
+def test_every_tiny_unet_layer_matches_fake_quant_in_onnxruntime(mode, calibrated_unet, unet_inputs, tmp_path):
+    """Teacher-forced: each layer's export module, exported alone and run by onnxruntime on the
+    fake-quant layer's own input, gives its output to float rounding (conv_in, time embedding,
+    attention projections, shortcut and split convs included)."""
+    from diffquant.export.onnx_export import _torch_export, export_model_at_row
+
+    unet, qmodel = calibrated_unet(8, 8)
+    captured = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, (i[0].clone(), o.clone())))
+             for n, layer in qmodel.layers().items()]
+    try:
+        _call(qmodel, unet_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    exported, _ = export_model_at_row(qmodel, 0, mode)
+    import onnxruntime as ort
+
+    for name, (inp, out) in captured.items():
+        path = tmp_path / f"{name}.onnx"
+        _torch_export(exported.get_submodule(name), ((inp,), {}), path, 17)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inp.numpy()})[0])
+        torch.testing.assert_close(got, out, rtol=0, atol=2e-6 * float(out.abs().max()), msg=name)
+
+
+class ReadsBatchSize(nn.Module):
+    """A denoiser that turns ``len(x)`` into a Python int (traced as a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t=None):
+        n = len(x)
+        return self.conv(x).reshape(n, -1).reshape(n, 3, x.shape[2], x.shape[3])
+
+
+def test_a_frozen_batch_axis_is_refused_and_a_dynamic_one_runs_at_two_batch_sizes(calibrated_unet, unet_inputs,
+                                                                                  tmp_path):
+    unet, qmodel = calibrated_unet(8, 8)
+    path = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "u.onnx", mode="integer").paths[0]
+    denoiser = OnnxDenoiser(path, threads=1)
+    for batch in (1, 5):
+        (x, ts), kw = unet_inputs(batch=batch, t=10, seed=3)
+        assert denoiser(x, ts, **kw).shape == (batch, 3, 8, 8)
+    # a denoiser reading len(x): the trace bakes in batch 2, and the export says so instead of a graph
+    # that fails (or silently mixes rows) at another batch size
+    torch.manual_seed(0)
+    net = ReadsBatchSize().eval()
+    x = torch.randn(2, 3, 6, 6)
+    frozen = quantize(net, QuantConfig(weight_bits=8, act_bits=8), example_inputs=((x,), {}))
+    from diffquant.methods.naive import run_naive
+
+    run_naive(frozen, lambda m: m(x))
+    with pytest.raises(ExportError, match="batch axis is frozen at 2"):
+        export_onnx(frozen, ((x,), {}), tmp_path / "frozen.onnx")
+    with pytest.raises(ExportError, match="batch axis is frozen at 2"):
+        export_float_onnx(net, ((x,), {}), tmp_path / "frozen_fp32.onnx")

@@ -333,3 +333,35 @@ def test_resume_with_block_les_or_smoothquant(bundle, trajectories, tmp_path, mo
     # stop right after the first block / the SmoothQuant checkpoint
     _assert_resume_matches(expected, bundle, trajectories, config, tmp_path, monkeypatch,
                            lambda pass_name, last_unit: pass_name == stop_pass)
+
+
+def test_dmq_result_exports_as_produced(calibrated, bundle, tmp_path):
+    """τ not yet folded and PTS factors on shortcut convs: the ONNX export folds τ itself, runs the
+    PTS layers as per-channel Q/DQ, and the graphs reproduce the fake-quant model per timestep;
+    the int8 backend folds τ too and keeps PTS layers on fake quantization, saying why."""
+    from diffquant.export.int8_backend import to_int8
+    from diffquant.export.onnx_export import export_onnx
+    from diffquant.export.onnx_runtime import OnnxDenoiser
+
+    qmodel, _ = calibrated
+    assert any(layer.input_scale is not None for layer in qmodel.layers().values())  # LES τ, unfolded
+    pts = [n for n, q in qmodel.quantizers("act").items() if isinstance(q, PTSQuantizer) and not torch.all(q.multiplier == 1)]
+    assert pts  # PTS chose factors ≠ 1 somewhere
+    example = bundle.example_inputs(2)
+    result = export_onnx(qmodel, example, tmp_path / "dmq.onnx", mode="integer")
+    assert result.preparation.folded_tau and not result.preparation.changed_outputs
+    assert any("DMQ PTS" in why for why in result.not_integer.values())
+    denoiser = OnnxDenoiser(result.paths[0], threads=1)
+    int8 = to_int8(qmodel)
+    assert int8.int8_report.preparation.folded_tau and any("PTS" in w for w in int8.int8_report.fake_quant.values())
+    gen = torch.Generator().manual_seed(3)
+    for t in qmodel.timestep_index.timesteps[:: max(1, len(qmodel.timestep_index.timesteps) // 2)]:
+        x = torch.randn(3, *bundle.sample_shape, generator=gen)
+        ts = torch.full((3,), t)
+        labels = torch.tensor([0, 1, 2])
+        with torch.no_grad():
+            fake = bundle.predict_noise(qmodel, x, ts, labels)
+            for got in (bundle.predict_noise(denoiser, x, ts, labels), bundle.predict_noise(int8, x, ts, labels)):
+                # per sample: a rounding-boundary flip (float order) stays within its sample
+                per_sample = sorted(float((g - f).pow(2).mean().sqrt() / f.pow(2).mean().sqrt()) for g, f in zip(got, fake))
+                assert per_sample[1] < 1e-3, (t, per_sample)

@@ -161,3 +161,43 @@ def test_pipeline_dispatch(bundle, tmp_path):
     assert result.qmodel.recipe == "mpqdm" and len(result.qmodel.timestep_index.timesteps) == K
     assert (tmp_path / "w" / "mpqdm_records.json").is_file()
     assert (tmp_path / "w" / "finetune" / "state.json").is_file()
+
+
+def test_mpqdm_and_efficientdm_results_export_as_produced(bundle, pool, tmp_path):
+    """LoRA updates and learned real-valued weight zero points: the export merges the update
+    (no change), rounds the zero points and reports the output change it causes."""
+    from diffquant.export.int8_backend import to_int8
+    from diffquant.export.onnx_export import export_onnx
+    from diffquant.export.onnx_runtime import OnnxDenoiser
+
+    example = bundle.example_inputs(2)
+    for config in (MPQDMConfig(**TINY), EfficientDMConfig(**TINY)):
+        qmodel = calibrate(bundle, pool, config, wbits=4, abits=8)
+        assert any(layer.weight_delta is not None for layer in qmodel.layers().values())
+        with pytest.warns(UserWarning, match="rounded the real-valued zero points") if _real_zero_points(qmodel) \
+                else _no_warning():
+            result = export_onnx(qmodel, example, tmp_path / f"{config.__class__.__name__}.onnx", mode="qdq")
+        prep = result.preparation
+        assert prep.merged_lora
+        if prep.changed_outputs:
+            assert 0 < prep.output_change < 0.5
+        assert any(layer.weight_delta is not None for layer in qmodel.layers().values())  # caller's model untouched
+        got = OnnxDenoiser(result.paths[0], threads=1)(*example[0], **example[1])
+        int8 = to_int8(qmodel, example_inputs=example)
+        assert int8.int8_report.int8 and int8.int8_report.preparation.merged_lora
+        with torch.no_grad():
+            ref = int8(*example[0], **example[1])
+            ref = ref if isinstance(ref, torch.Tensor) else ref.sample
+        # both integer paths run the same prepared model
+        assert float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 2e-2
+
+
+def _real_zero_points(qmodel) -> bool:
+    return any(not torch.equal(q.zero_point, torch.round(q.zero_point)) for q in qmodel.quantizers().values()
+               if isinstance(getattr(q, "zero_point", None), torch.Tensor))
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -170,6 +170,10 @@ class ActCodes:
     bits: int
     #: the step as the float32 tensor the fake quantizer divides by
     step: Tensor
+    #: per-channel power-of-two step factors m (DMQ PTS), None when all are 1: the grid of channel
+    #: c is s·m_c, i.e. x·(1/m_c) on this per-tensor grid and the dequantized value times m_c —
+    #: both exact, m_c being a power of two
+    channel_multiplier: Tensor | None = None
 
     @property
     def full_range(self) -> bool:
@@ -215,14 +219,22 @@ def apply_input_divisor(x: Tensor, divisor: Tensor | None, axis: int) -> Tensor:
     return x * (1.0 / divisor).reshape(shape).to(x.dtype)
 
 
-def act_codes(quantizer, row: int, what: str = "activation") -> ActCodes | None:
-    """The uint8 view of one row of an activation quantizer; None when it is not active."""
+def act_codes(quantizer, row: int, what: str = "activation", *, allow_channel_multiplier: bool = False) -> ActCodes | None:
+    """The uint8 view of one row of an activation quantizer; None when it is not active.
+
+    ``allow_channel_multiplier``: a DMQ PTS row becomes per-tensor codes plus
+    :attr:`ActCodes.channel_multiplier` (for formats that apply it around the quantization)."""
     if not quantizer.active:
         return None
     if quantizer.channel_axis is not None:
         raise ExportError(f"{what}: per-channel activation quantizers cannot be exported")
     multiplier = getattr(quantizer, "multiplier", None)
+    channel_multiplier = None
     if multiplier is not None and not bool(torch.all(multiplier[row] == 1)):
+        m = multiplier[row].detach().float()
+        if allow_channel_multiplier and bool(torch.all(torch.frexp(m).mantissa.abs() == 0.5)):
+            channel_multiplier = m.clone()
+    if multiplier is not None and not bool(torch.all(multiplier[row] == 1)) and channel_multiplier is None:
         raise ExportError(
             f"{what}: per-channel power-of-two step factors (DMQ PTS) are not expressible as one "
             "per-tensor QuantizeLinear; export without PTS"
@@ -241,4 +253,5 @@ def act_codes(quantizer, row: int, what: str = "activation") -> ActCodes | None:
     return ActCodes(
         scale=float(step), zero_point=int(round(z)) + offset, qmin=spec.qmin + offset,
         qmax=spec.qmax + offset, offset=offset, bits=spec.bits, step=step.clone(),
+        channel_multiplier=channel_multiplier,
     )

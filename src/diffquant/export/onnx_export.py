@@ -24,6 +24,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,7 @@ from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..zoo.registry import denoiser_output_tensor
 from .codes import ExportError
+from .prepare import ExportPreparation, prepare_for_export
 from .onnx_modules import MODES, OnnxAttnProcessor, OnnxQuantLayer
 
 DEFAULT_OPSET = 17
@@ -49,6 +52,8 @@ class OnnxExport:
     mode: str
     #: layer name -> why it is not on an integer operator (``integer`` mode; empty = all are)
     not_integer: dict[str, str] = field(default_factory=dict)
+    #: what was done to the recipe's result before exporting (:func:`.prepare.prepare_for_export`)
+    preparation: ExportPreparation | None = None
 
 
 class _Denoiser(nn.Module):
@@ -92,14 +97,68 @@ def _torch_export(module: nn.Module, example_inputs, path: Path, opset: int) -> 
     dynamic = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim() >= 1}
     dynamic["out"] = {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer warnings
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")  # recorded, not shown: the exporter's deprecation notes are noise
         # autograd_inlining=False keeps the .onnx_ops functions as PythonOps so that their
         # symbolics run (inlining them breaks the exporter's peephole pass)
         torch.onnx.export(
             wrapper, inputs, str(path), dynamo=False, opset_version=opset, input_names=names,
             output_names=["out"], dynamic_axes=dynamic, do_constant_folding=True, autograd_inlining=False,
         )
+    tracer = [str(w.message).strip().splitlines()[0] for w in caught
+              if issubclass(w.category, torch.jit.TracerWarning)]
+    check_batch_axis(path, names, inputs, tracer)
+
+
+def _grown_batch(t: Tensor) -> Tensor:
+    """``t`` with its first row appended once more along the batch axis."""
+    return torch.cat([t, t[:1]]) if t.dim() >= 1 else t
+
+
+def check_batch_axis(path: Path, names: list[str], inputs: tuple[Tensor, ...], tracer: list[str]) -> None:
+    """Refuse a graph whose batch axis is frozen (the tracer's notes, usually harmless constants, are
+    shown only then, or when onnxruntime is missing and the check cannot run).
+
+    The graph is run by onnxruntime at the export batch B and at B + 1 (the first row repeated);
+    a real dynamic batch gives B + 1 output rows whose first B equal the B-batch output. A model
+    that reads ``len(x)`` or ``x.shape[0]`` into Python is traced with that number as a constant
+    (the tracer warns) and fails this check.
+    """
+    if not any(t.dim() >= 1 for t in inputs):
+        return
+    try:
+        import onnxruntime as ort
+    except ImportError:  # the check needs the runtime; without it the tracer's notes are all we have
+        if tracer:
+            warnings.warn(f"{path.name}: the tracer reports values frozen into the graph ({tracer[0][:200]})")
+        return
+
+    def feeds(ts):
+        return {n: (t.float() if t.is_floating_point() else t.to(torch.int64)).numpy() for n, t in zip(names, ts)}
+
+    batch = next(t.shape[0] for t in inputs if t.dim() >= 1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    why = None
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        small = session.run(None, feeds(inputs))[0]
+        large = session.run(None, feeds(tuple(_grown_batch(t) for t in inputs)))[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        text = str(exc).strip().splitlines()
+        why = f"onnxruntime fails at batch {batch + 1} ({(text[0] if text else type(exc).__name__)[:160]})"
+    else:
+        if large.shape[0] != batch + 1:
+            why = f"batch {batch + 1} gives {large.shape[0]} output rows"
+        else:
+            scale = float(np.sqrt(np.mean(np.square(small, dtype=np.float64)))) or 1.0
+            gap = float(np.sqrt(np.mean(np.square(large[:batch] - small, dtype=np.float64)))) / scale
+            if gap > 1e-2:
+                why = f"the first {batch} rows change when one more row is added (relative RMS {gap:.2g})"
+    if why is not None:
+        hint = f"; the tracer says: {tracer[0][:200]}" if tracer else ""
+        raise ExportError(f"{path.name}: the batch axis is frozen at {batch} — {why}{hint}. Avoid Python ints "
+                          "taken from tensor shapes (len(x), x.shape[0]) in the denoiser's forward")
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -132,7 +191,9 @@ def timestep_groups(qmodel: QuantModel) -> list[list[int]]:
     act = [q for q in qmodel.quantizers("act").values() if q.num_steps > 1]
     groups: dict[tuple, list[int]] = {}
     for k in range(rows):
-        key = tuple((float(q.step[k].reshape(-1)[0]), float(q.zero_point[k].reshape(-1)[0])) for q in act)
+        key = tuple((float(q.step[k].reshape(-1)[0]), float(q.zero_point[k].reshape(-1)[0]),
+                     tuple(q.multiplier[k].reshape(-1).tolist()) if getattr(q, "multiplier", None) is not None else ())
+                    for q in act)
         groups.setdefault(key, []).append(k)
     return list(groups.values())
 
@@ -166,6 +227,10 @@ def export_onnx(
     if opset < 13:
         raise ConfigError(f"per-channel QuantizeLinear/DequantizeLinear need opset >= 13, got {opset}")
     path = Path(path)
+    _split_inputs(example_inputs)
+    qmodel, preparation = prepare_for_export(qmodel, example_inputs)
+    if preparation.changed_outputs:
+        warnings.warn(f"export_onnx(): {preparation.summary()}", stacklevel=2)
     groups = timestep_groups(qmodel)
     schedule = list(qmodel.timestep_index.timesteps)
     paths, blockers = [], {}
@@ -186,9 +251,10 @@ def export_onnx(
         "graphs": [{"file": p.name, "timesteps": None if timesteps is None else timesteps[j]} for j, p in enumerate(paths)],
         "timestep_lookup": qmodel.timestep_index.lookup,
         "not_integer": blockers,
+        "preparation": preparation.to_dict(),
     }, indent=1))
     return OnnxExport(paths=paths, timesteps=timesteps, sidecar=sidecar, mode=mode,
-                      not_integer=blockers if mode == "integer" else {})
+                      not_integer=blockers if mode == "integer" else {}, preparation=preparation)
 
 
 def export_float_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:

@@ -94,7 +94,11 @@ class OnnxQuantLayer(nn.Module):
         #: folded τ per input part (DMQ LES), applied as x·(1/τ) before quantizing
         self.divisors: list[Tensor | None] = [None] * parts
         if layer.use_act_quant:
-            self.acts = [check_onnx_act(act_codes(q, row, f"{name} input"), f"{name} input") for q in layer.act_quantizers]
+            # PTS factors: exported on conv inputs (the shortcut convs DMQ puts them on); on other
+            # layers their graphs were found not to reproduce the fake-quant model, so they are refused
+            pts_ok = layer.kind in ("Conv1d", "Conv2d") and layer.act_axis == 1
+            self.acts = [check_onnx_act(act_codes(q, row, f"{name} input", allow_channel_multiplier=pts_ok), f"{name} input")
+                         for q in layer.act_quantizers]
             self.divisors = [input_divisor_of(q) if a is not None else None for q, a in zip(layer.act_quantizers, self.acts)]
         self.weight_parts = nn.ModuleList()
         self.register_buffer("float_weight", None)
@@ -117,6 +121,8 @@ class OnnxQuantLayer(nn.Module):
             return "weight not quantized"
         if any(a is None for a in self.acts):
             return "input not quantized"
+        if any(a.channel_multiplier is not None for a in self.acts):
+            return "per-channel power-of-two input steps (DMQ PTS) run as Q/DQ"
         if self.kind == "Conv2d" and self.op_args.get("groups", 1) != 1 and not all(p.fits_int8 for p in self.weight_parts):
             return "grouped conv with 8-bit asymmetric weights"
         if self.kind == "Conv2d" and isinstance(self.op_args.get("padding"), str):
@@ -141,7 +147,17 @@ class OnnxQuantLayer(nn.Module):
     def _inputs(self, x: Tensor) -> list[Tensor]:
         xs = [x] if self.split is None else list(
             torch.split(x, [self.split, x.shape[self.act_axis] - self.split], dim=self.act_axis))
-        return [apply_input_divisor(xp, d, self.act_axis) for xp, d in zip(xs, self.divisors)]
+        xs = [apply_input_divisor(xp, d, self.act_axis) for xp, d in zip(xs, self.divisors)]
+        # PTS: x·(1/m) onto the per-tensor grid (exact: m is a power of two)
+        return [xp if a is None or a.channel_multiplier is None else apply_input_divisor(xp, a.channel_multiplier, self.act_axis)
+                for xp, a in zip(xs, self.acts)]
+
+    def _channel_factor(self, x: Tensor, act: ActCodes | None) -> Tensor:
+        if act is None or act.channel_multiplier is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.act_axis] = -1
+        return x * act.channel_multiplier.reshape(shape).to(x.dtype)
 
     def _weight(self) -> Tensor:
         if self.float_weight is not None:
@@ -155,7 +171,7 @@ class OnnxQuantLayer(nn.Module):
         xs = self._inputs(x)
         if self.integer_blocker is None:
             return self._integer_forward(xs)
-        xs = [qdq(xp, act) for xp, act in zip(xs, self.acts)]
+        xs = [self._channel_factor(qdq(xp, act), act) for xp, act in zip(xs, self.acts)]
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=self.act_axis)
         w = self._weight()
         if self.kind == "Linear":

@@ -257,6 +257,9 @@ class LESOptions:
     momentum: float = 0.95
     #: layer (each layer's τ against its own output) | block (a unit's τ jointly against its output)
     scope: str = "layer"
+    #: keep the starting τ when the learned one scores worse on the evaluation samples (off: the
+    #: paper's LES, which keeps whatever the last step gives)
+    revert_if_worse: bool = False
     seed: int = 0
     device: str | torch.device = "cpu"
     #: cached samples on which each layer's initial / final (unweighted) loss is reported
@@ -326,9 +329,15 @@ def _fit_scales(scales: list[nn.Parameter], losses_of: LossFn, n: int, buckets: 
 def _learn_scales(name: str, kind: str, module: nn.Module, layers: list[QuantLayer], losses_of: LossFn, n: int,
                   buckets: Tensor, num_buckets: int, options: LESOptions, seed: int) -> UnitRecord:
     """Learn the τ of ``layers`` (inside ``module``) by minimising ``losses_of`` over ``n`` cached
-    samples; the loss on the evaluation subset before and after goes into the record."""
+    samples; the loss on the evaluation subset before and after goes into the record.
+
+    With ``options.revert_if_worse`` the evaluation loss never ends above where it started: when
+    the learned τ scores worse than the starting τ (gradient steps through rounding can), the
+    starting τ is restored.
+    """
     start = time.perf_counter()
     scales = [layer.input_scale for layer in layers]
+    starting = [t.detach().clone() for t in scales]
     eval_index = eval_indices(n, options.eval_samples)
     with torch.random.fork_rng(devices=_fork_devices(options.device)):
         torch.manual_seed(seed)
@@ -342,6 +351,14 @@ def _learn_scales(name: str, kind: str, module: nn.Module, layers: list[QuantLay
         if not all(bool(torch.isfinite(t).all()) for t in scales):
             raise DiffquantError(f"{name}: LES diverged (non-finite τ); lower the LES learning rate")
         final = _mean_loss(losses_of, eval_index)
+        if options.revert_if_worse and final > initial:
+            with torch.no_grad():
+                for t, t0 in zip(scales, starting):
+                    t.copy_(t0)
+            for layer in layers:
+                layer.clear_cache()
+            log.info("LES %s: learned τ scored %.4g > %.4g at the start; the starting τ is kept", name, final, initial)
+            final = initial
     return UnitRecord(name, kind, PASS_NAME, options.iters, initial, final, seconds=time.perf_counter() - start)
 
 
