@@ -359,25 +359,16 @@ def anchor_backends(bundle, args, workdir: Path, fp32_onnx: Path, batch_shape) -
         print(f"  PT2E compiled in {time.perf_counter() - start:.0f} s", flush=True)
 
         class Frozen(torch.nn.Module):
-            def forward(self, x, t, *_):
+            """Called by the bundle like its denoiser; the compiled graph already predicts the noise."""
+
+            def forward(self, x, t, *args, **kwargs):
                 with inductor_config.patch(freezing=True):
                     return compiled(x, torch.as_tensor(t).float().reshape(-1).expand(x.shape[0]))
 
-        out.append(("anchor: pytorch PT2E X86InductorQuantizer W8A8 + torch.compile", _AsUnet(Frozen()), "W8A8"))
+        out.append(("anchor: pytorch PT2E X86InductorQuantizer W8A8 + torch.compile", Frozen(), "W8A8"))
     except Exception as exc:
         print(f"  PT2E skipped: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", flush=True)
     return out
-
-
-class _AsUnet(torch.nn.Module):
-    """Called by the bundle like its denoiser: the wrapped model already returns the noise prediction."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t, *args, **kwargs):
-        return self.model(x, t)
 
 
 # ------------------------------------------------------------------------------------- report

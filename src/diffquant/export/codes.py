@@ -211,12 +211,17 @@ def input_divisor_of(quantizer) -> Tensor | None:
     return divisor.detach().float().clone()
 
 
-def apply_input_divisor(x: Tensor, divisor: Tensor | None, axis: int) -> Tensor:
-    if divisor is None:
+def scale_channels(x: Tensor, factor: Tensor | None, axis: int) -> Tensor:
+    """x times a per-channel ``factor`` along ``axis`` (identity for None)."""
+    if factor is None:
         return x
     shape = [1] * x.dim()
     shape[axis] = -1
-    return x * (1.0 / divisor).reshape(shape).to(x.dtype)
+    return x * factor.reshape(shape).to(x.dtype)
+
+
+def apply_input_divisor(x: Tensor, divisor: Tensor | None, axis: int) -> Tensor:
+    return x if divisor is None else scale_channels(x, 1.0 / divisor, axis)
 
 
 def act_codes(quantizer, row: int, what: str = "activation", *, allow_channel_multiplier: bool = False) -> ActCodes | None:
@@ -232,13 +237,13 @@ def act_codes(quantizer, row: int, what: str = "activation", *, allow_channel_mu
     channel_multiplier = None
     if multiplier is not None and not bool(torch.all(multiplier[row] == 1)):
         m = multiplier[row].detach().float()
-        if allow_channel_multiplier and bool(torch.all(torch.frexp(m).mantissa.abs() == 0.5)):
-            channel_multiplier = m.clone()
-    if multiplier is not None and not bool(torch.all(multiplier[row] == 1)) and channel_multiplier is None:
-        raise ExportError(
-            f"{what}: per-channel power-of-two step factors (DMQ PTS) are not expressible as one "
-            "per-tensor QuantizeLinear; export without PTS"
-        )
+        power_of_two = bool(torch.all(torch.frexp(m).mantissa.abs() == 0.5))
+        if not (allow_channel_multiplier and power_of_two):
+            raise ExportError(
+                f"{what}: per-channel power-of-two step factors (DMQ PTS) are not expressible as one "
+                "per-tensor QuantizeLinear; export without PTS"
+            )
+        channel_multiplier = m.clone()
     if not bool(quantizer.initialized[row]):
         raise ExportError(f"{what}: activation quantizer row {row} was never calibrated")
     spec = quantizer.spec

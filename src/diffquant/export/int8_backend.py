@@ -41,11 +41,11 @@ from torch import Tensor, nn
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer
-from .prepare import ExportPreparation, prepare_for_export
 from .codes import (
     ActCodes, ExportError, WeightCodes, act_codes, apply_input_divisor, input_divisor_of, layer_weight_codes,
     weight_is_quantized,
 )
+from .prepare import ExportPreparation, prepare_for_export
 
 INT8_KINDS = ("Conv1d", "Conv2d", "Linear")
 #: the largest |a1·w1 + a2·w2| a saturating int16 pair sum holds exactly

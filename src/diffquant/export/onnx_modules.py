@@ -30,7 +30,7 @@ from ..nn.attention import QuantAttnProcessor
 from ..nn.layers import QuantLayer
 from .codes import (
     ActCodes, ExportError, WeightCodes, act_codes, apply_input_divisor, input_divisor_of, layer_weight_codes,
-    weight_is_quantized,
+    scale_channels, weight_is_quantized,
 )
 from .onnx_ops import ConvInteger, DequantizeWeight, MatMulInteger, QuantizeDequantize, QuantizeToUint8
 
@@ -149,15 +149,12 @@ class OnnxQuantLayer(nn.Module):
             torch.split(x, [self.split, x.shape[self.act_axis] - self.split], dim=self.act_axis))
         xs = [apply_input_divisor(xp, d, self.act_axis) for xp, d in zip(xs, self.divisors)]
         # PTS: x·(1/m) onto the per-tensor grid (exact: m is a power of two)
-        return [xp if a is None or a.channel_multiplier is None else apply_input_divisor(xp, a.channel_multiplier, self.act_axis)
+        return [xp if a is None else apply_input_divisor(xp, a.channel_multiplier, self.act_axis)
                 for xp, a in zip(xs, self.acts)]
 
     def _channel_factor(self, x: Tensor, act: ActCodes | None) -> Tensor:
-        if act is None or act.channel_multiplier is None:
-            return x
-        shape = [1] * x.dim()
-        shape[self.act_axis] = -1
-        return x * act.channel_multiplier.reshape(shape).to(x.dtype)
+        """The dequantized PTS input times m (exact: m is a power of two)."""
+        return x if act is None else scale_channels(x, act.channel_multiplier, self.act_axis)
 
     def _weight(self) -> Tensor:
         if self.float_weight is not None:

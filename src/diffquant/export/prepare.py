@@ -8,8 +8,10 @@ points (weights, and TALSQ-style activation ones), which have no integer code an
 the only step here that changes the model's output, by an amount :class:`ExportPreparation`
 reports (measured on the example inputs when given).
 
-Every export (:func:`~diffquant.export.onnx_export.export_onnx`, :func:`~.int8_backend.to_int8`,
-the packed format) runs this first, on a copy; the caller's model is left alone.
+:func:`~diffquant.export.onnx_export.export_onnx` and :func:`~.int8_backend.to_int8` run this
+first, on a copy; the caller's model is left alone. The packed format (:mod:`.pack`) does not
+run it yet: its files load onto the original float weights, which folding and merging change; it
+refuses an unfolded τ and real-valued zero points with a clear message.
 """
 from __future__ import annotations
 
@@ -94,7 +96,6 @@ def prepare_for_export(qmodel: QuantModel, example_inputs=None) -> tuple[QuantMo
             report.hardened_adaround.append(name)
         if layer.input_scale is not None:
             report.folded_tau.append(name)
-        layer.clear_cache()
     for qname, q in model.quantizers().items():
         z = getattr(q, "zero_point", None)
         if not isinstance(z, Tensor) or z.numel() == 0:
@@ -108,7 +109,7 @@ def prepare_for_export(qmodel: QuantModel, example_inputs=None) -> tuple[QuantMo
     if report.folded_tau:
         model = fold_input_scales(model)
     if report.changed_outputs and example_inputs is not None:
-        before, after = _call(qmodel.eval(), example_inputs), _call(model.eval(), example_inputs)
+        before, after = _call(qmodel, example_inputs), _call(model, example_inputs)
         report.output_change = float((after - before).pow(2).mean().sqrt() / before.pow(2).mean().sqrt().clamp_min(1e-30))
     return model, report
 
