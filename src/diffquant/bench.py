@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import save_yaml, to_dict
+from .config import checked, save_yaml, to_dict
 from .errors import ConfigError
+from .fsutil import check_writable_dir
+from .jsonio import dumps, write_json
 from .pipeline import (
     CalibConfig,
     bundled_classifier,
@@ -31,6 +33,7 @@ from .pipeline import (
 
 
 @dataclass
+@checked
 class BenchConfig:
     model: str = "mnist-resunet"
     recipes: list[str] = field(default_factory=lambda: ["naive"])
@@ -110,20 +113,19 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     from .eval.report import environment_record, evaluate_images
     from .zoo.registry import load_model
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # bad settings, specs and output folders fail before any work
+    plan = [(spec, *parse_recipe_spec(spec), s.upper(), *parse_setting(s)) for spec in cfg.recipes for s in cfg.settings]
+    for pair in cfg.rows:
+        if len(pair) != 2:
+            raise ConfigError(f"a bench row is [SETTING, RECIPE_SPEC], got {pair!r}")
+        plan.append((pair[1], *parse_recipe_spec(pair[1]), pair[0].upper(), *parse_setting(pair[0])))
+    out = check_writable_dir(cfg.out)
     bundle = load_model(cfg.model, assets=assets, device=device)
     dataset = reference_dataset(bundle)
     needs_reference = bool(set(cfg.metrics) & {"fid", "sfid", "precision", "recall"})
     if dataset is None and needs_reference:
         raise ConfigError(f"no reference data set is known for {bundle.name}; pass --metrics with no FID metrics")
     guidance = default_guidance(bundle) if cfg.guidance is None else cfg.guidance
-    # bad settings and specs fail before any work
-    plan = [(spec, *parse_recipe_spec(spec), s.upper(), *parse_setting(s)) for spec in cfg.recipes for s in cfg.settings]
-    for pair in cfg.rows:
-        if len(pair) != 2:
-            raise ConfigError(f"a bench row is [SETTING, RECIPE_SPEC], got {pair!r}")
-        plan.append((pair[1], *parse_recipe_spec(pair[1]), pair[0].upper(), *parse_setting(pair[0])))
     extractor = InceptionFeatures(device=device) if needs_reference else None
     reference = None
     if needs_reference:
@@ -164,7 +166,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
             "command": command,
             "commands": commands,
         }
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+        write_json(out / "results.json", results, indent=1, default=str)
         status = "" if complete else "\n\n(partial: the run has not finished every row yet)"
         shown = "\n".join(f"Command: `{c}`" for c in commands)
         (out / "results.md").write_text(
@@ -295,15 +297,7 @@ def load_previous_run(out: Path, model: str, protocol: dict, n: int) -> Previous
 
 def _normalised(value):
     """``value`` as it reads back from results.json (tuples as lists, numpy scalars as numbers)."""
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return str(value)
+    return json.loads(dumps(value, default=str))
 
 
 def format_cell(v) -> str:

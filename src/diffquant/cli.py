@@ -123,8 +123,15 @@ def _run_sample(args) -> int:
     return run_sample(args, prepare=prepare)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line (``diffquant quantize: error: ...; see --help``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="diffquant",
         description="Post-training quantization of diffusion models (Q-Diffusion, EDA-DM, DMQ, MPQ-DM).",
     )
@@ -165,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except DiffquantError as exc:
         print(f"diffquant: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named could not be read or written (disk full, permissions, ...)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"diffquant: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffquant: interrupted", file=sys.stderr)

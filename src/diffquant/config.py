@@ -6,7 +6,10 @@ number can always be traced back to the knobs that produced it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,171 @@ DEFAULT_TIME_EMBEDDING_PATTERNS = [
 DEFAULT_BLOCK_TYPES = ["ResnetBlock2D", "BasicTransformerBlock", "Attention", "ResBlock", "AttnBlock", "ResnetBlock"]
 
 
+# ---------------------------------------------------------------------- field checks
+def bounds(*, ge: float | None = 0, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           finite: bool = True) -> dict:
+    """Declared range of a numeric option, for ``field(metadata=...)``.
+
+    Numeric options without a declaration are finite and ``>= 0`` (every count, rate, weight and
+    seed of diffquant is); pass ``ge=None`` for a signed option. A ``gt`` replaces the default ``ge``."""
+    if gt is not None and ge == 0:
+        ge = None
+    return {"bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt, "finite": finite}}
+
+
+def knob(default: Any, **limits) -> Any:
+    """A scalar option with its default and declared bounds (see :func:`bounds`)."""
+    return field(default=default, metadata=bounds(**limits))
+
+
+_DEFAULT_BOUNDS = bounds()["bounds"]
+
+
+def checked(cls):
+    """Class decorator (put it *below* ``@dataclass``): every instance has each field checked for
+    type and range from its annotation and declared bounds before the class's own checks run,
+    whether it was built from YAML, a recipe spec or Python."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if own is not None:
+            own(self)
+        else:
+            for base in type(self).__mro__[1:]:
+                inherited = base.__dict__.get("__post_init__")
+                if inherited is not None and base is not cls:
+                    inherited(self)
+                    break
+
+    cls.__post_init__ = __post_init__
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj: Any) -> None:
+    """Check (and normalise: ``1`` → ``1.0`` for a float, a glob → a one-element list) every field
+    of dataclass ``obj``; a wrong type or an out-of-range number is a :class:`ConfigError` naming
+    the field."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _check_type(f.name, hints.get(f.name, Any), getattr(obj, f.name))
+        _check_bounds(f.name, value, f.metadata.get("bounds", _DEFAULT_BOUNDS))
+        object.__setattr__(obj, f.name, value)
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0])}s" if args else "a list"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_type(name: str, tp: Any, value: Any) -> Any:
+    try:
+        return _coerce(tp, value)
+    except _WrongType:
+        raise ConfigError(f"{name} must be {_describe(tp)}, got {value!r}") from None
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    if tp is Any or tp is object:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _WrongType
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(arm, value)
+            except _WrongType:
+                continue
+        raise _WrongType
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _WrongType
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _WrongType
+    if tp is int:
+        if isinstance(value, bool):
+            raise _WrongType
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise _WrongType
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _WrongType
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _WrongType
+    if origin in (list, tuple):
+        if origin is list and args and args[0] is str and isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise _WrongType
+            return tuple(_coerce(a, v) for a, v in zip(args, value))
+        items = [_coerce(args[0], v) for v in value] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _WrongType
+    if origin is not None:  # other generics (Iterable[...], ...): not checked
+        return value
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            return from_dict(tp, value)
+        raise _WrongType
+    return value
+
+
+def _check_bounds(name: str, value: Any, limits: dict) -> None:
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_bounds(name, v, limits)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if limits["finite"] and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    for key, ok, text in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
+                          ("le", lambda b: value <= b, "<="), ("lt", lambda b: value < b, "<")):
+        b = limits[key]
+        if b is not None and not ok(b):
+            raise ConfigError(f"{name} must be {text} {b:g}, got {value!r}")
+
+
 @dataclass
+@checked
 class LayerRule:
     """Override for the layers whose qualified name matches ``pattern`` (an fnmatch glob).
 
@@ -59,6 +226,7 @@ class LayerRule:
 
 
 @dataclass
+@checked
 class QuantConfig:
     """How a model is wrapped: bit-widths, grids, coverage and layer rules."""
 

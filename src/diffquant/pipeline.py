@@ -13,13 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import QuantConfig, from_dict, load_yaml, parse_yaml, save_yaml, to_dict
+from .config import QuantConfig, from_dict, load_yaml, parse_yaml, save_yaml, to_dict, checked
 from .errors import ConfigError
+from .fsutil import check_writable_dir
 from .methods import RECIPES
+from .quant.affine import validate_bits
 from .model import QuantModel, quantize, save
+from .jsonio import write_json
 
 
 @dataclass
+@checked
 class CalibConfig:
     """Calibration data: trajectories captured in one full-precision sampling pass per batch."""
 
@@ -107,6 +111,8 @@ def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig,
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
     config_cls, run = RECIPES[recipe]
     config = config_cls() if recipe_config is None else recipe_config
+    if hasattr(config, "check_calibration"):  # schedule-dependent options, before any capture
+        config.check_calibration(calib.steps)
     if hasattr(config, "wrap_config"):  # recipes whose wrapping knobs (split, softmax bits, ...) are their own
         quant = config.wrap_config(quant)
     t0 = time.perf_counter()
@@ -172,15 +178,56 @@ def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_pa
     after an interruption resumes at the next unit (default: ``<out>/work``)."""
     from .zoo.registry import load_model
 
+    # every argument is checked before any work: configs, the output folder, the work dir
     recipe_config = load_recipe_config(recipe, recipe_config_path)
-    bundle = load_model(model, assets=assets, device=device)
+    if hasattr(recipe_config, "check_calibration"):
+        recipe_config.check_calibration(calib.steps)
     quant = build_quant_config(wbits, abits, config_path, split)
+    check_writable_dir(out)
+    work_dir = work_dir or str(Path(out) / "work")
+    bundle = load_model(model, assets=assets, device=device)
+    claim_work_dir(work_dir, {"model": model, "recipe": recipe, "recipe_config": to_dict(recipe_config),
+                              "quant": to_dict(quant), "calib": to_dict(calib)})
     result = quantize_bundle(bundle, recipe, quant, calib, device, recipe_config=recipe_config,
-                             work_dir=work_dir or str(Path(out) / "work"))
+                             work_dir=work_dir)
     result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib), "timings": result.timings})
     save_yaml(calib, Path(out) / "calib.yaml")
     save_yaml(recipe_config, Path(out) / "recipe.yaml")
     return result
+
+
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+def claim_work_dir(work_dir: str | Path, settings: dict) -> None:
+    """Refuse, before capture, a work dir that holds progress of a run with other settings
+    (naming the first setting that differs); record these settings in a fresh one."""
+    from .errors import CheckpointError
+    from .jsonio import to_json_value
+
+    file = Path(work_dir) / RUN_SETTINGS_FILE
+    settings = to_json_value(settings)
+    has_progress = Path(work_dir).is_dir() and any(p.name != RUN_SETTINGS_FILE for p in Path(work_dir).iterdir())
+    if file.is_file() and has_progress:
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved != settings:
+            diff = _first_difference(saved, settings) if isinstance(saved, dict) else "its settings file is unreadable"
+            raise CheckpointError(f"work dir {work_dir} holds progress of a run with other settings ({diff}); "
+                                  "use a fresh --work-dir or the original settings")
+        return
+    check_writable_dir(work_dir, "--work-dir")
+    write_json(file, settings)
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')} was {old!r}, now {new!r}"
 
 
 def parse_setting(tag: str) -> tuple[int, int]:
@@ -190,9 +237,12 @@ def parse_setting(tag: str) -> tuple[int, int]:
         raise ConfigError(f"bit setting {tag!r} must look like W4A8")
     try:
         w, a = t[1:].split("A")
-        return int(w), int(a)
+        wbits, abits = int(w), int(a)
     except ValueError:
         raise ConfigError(f"bit setting {tag!r} must look like W4A8") from None
+    validate_bits(wbits, f"bit setting {tag}: weight bits")
+    validate_bits(abits, f"bit setting {tag}: activation bits")
+    return wbits, abits
 
 
 def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str, fid: bool, out: str,
@@ -203,12 +253,12 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     from .eval.fidelity import image_mse_psnr
     from .zoo.registry import load_model
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    parsed = [(s.upper(), *parse_setting(s)) for s in settings]  # bad settings fail before any work
+    load_recipe_config(recipe, None)
+    out_dir = check_writable_dir(out)
     bundle = load_model(model, assets=assets, device=device)
     guidance = default_guidance(bundle)
     sample_kw = dict(seed=0, scheduler="ddim", steps=steps, eta=0.0, guidance=guidance, batch_size=50, device=device)
-    parsed = [(s.upper(), *parse_setting(s)) for s in settings]
 
     print(f"[diffquant] model {bundle.name}: sampling {n} full-precision images (DDIM {steps}, guidance {guidance})")
     fp = sample(bundle, n, **sample_kw)
@@ -235,7 +285,7 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     grid_path = save_grid(out_dir / "comparison.png", np.concatenate(grids), nrow=per_row)
     results = {"model": bundle.name, "protocol": {"n": n, **{k: v for k, v in sample_kw.items() if k != "device"}},
                "rows": rows, "grid": str(grid_path)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    write_json(out_dir / "results.json", results, default=float)
     table = _markdown_table(rows)
     (out_dir / "results.md").write_text(table + "\n")
     print()

@@ -220,3 +220,39 @@ def test_deterministic_given_a_seed():
     torch.manual_seed(5)
     reconstruct(qmodel, make_units(qmodel), data, AdaRoundPass(iters=3, batch_size=8), options=QUIET)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("fresh_complete", [True, False])
+def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_keeps_progress(tmp_path, monkeypatch, fresh_complete):
+    """``progress`` → ``progress.old`` happened, ``progress.new`` → ``progress`` did not: the next
+    run restores the new copy when it is complete, else the old one — never starts from zero."""
+    from pathlib import Path
+
+    qmodel, float_model, data = toy_qmodel(weight_bits=4, quantize_acts=False)
+    units = make_units(qmodel)
+    progress = ReconProgress(tmp_path, ["weights"], "fp")
+    reconstruct(qmodel, units[:1], data, AdaRoundPass(iters=2, batch_size=4), options=QUIET, progress=progress)
+    after_first = _state(qmodel)
+
+    real_rename = Path.rename
+
+    def killed_after_first_rename(self, target):
+        if Path(target).name == "progress":  # the second rename of the swap never happens
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        progress.save(qmodel, "weights", 1, [u.name for u in units[:2]], [])
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not (tmp_path / "progress").exists() and (tmp_path / "progress.old").is_dir()
+    if not fresh_complete:  # killed while the new copy was still being written
+        (tmp_path / "progress.new" / "progress.json").unlink()
+
+    resumed, _, _ = toy_qmodel(float_model, weight_bits=4, quantize_acts=False)
+    again = ReconProgress(tmp_path, ["weights"], "fp")
+    assert again.restore(resumed)
+    assert again.state["last_unit"] == (1 if fresh_complete else 0)
+    if not fresh_complete:
+        assert all(torch.equal(v, after_first[k]) for k, v in _state(resumed).items())
+    assert (tmp_path / "progress").is_dir()

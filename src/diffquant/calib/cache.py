@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from diffquant.errors import DiffquantError
+from diffquant.jsonio import write_json
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
@@ -264,6 +265,4 @@ def write_index(path: Path, *, settings: dict[str, Any], settings_hash: str, tim
         "entry_shapes": entry_shapes,
         "shards": [s.to_json() for s in sorted(shards, key=lambda s: (s.sample_start, s.step_start))],
     }
-    tmp = path / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, path / INDEX_FILE)
+    write_json(path / INDEX_FILE, index, indent=1)

@@ -27,8 +27,10 @@ from diffquant.calib.cache import (
 from diffquant.diffusion import distributed
 from diffquant.diffusion.sampling import resolve_labels, sample, scheduler_timesteps
 from diffquant.errors import ConfigError, DiffquantError
+from diffquant.calib.select import check_finite_inputs
 from diffquant.paths import cache_dir as default_cache_root
 from diffquant.zoo.registry import DiffusionBundle
+from diffquant.jsonio import write_json
 
 CACHE_FORMAT = "trajectories-v1"
 PART_PREFIX = "part-rank"
@@ -88,10 +90,13 @@ class _StepRecorder:
         self.cfg_doubled = cfg_doubled
         self.step = -1
         self.batch = 0
+        self.batch_index = 0
         self.timesteps: list[int] = []
         self.calls = 0
 
     def on_step(self, k: int, t: int, x_t: Tensor, labels: Tensor | None) -> None:
+        check_finite_inputs(x_t, f"calibration capture batch {self.batch_index} at step {k} (t={int(t)})",
+                            lambda i: f"sample {i} of the batch")
         self.step = k
         self.batch = x_t.shape[0]
         if len(self.timesteps) == k:
@@ -201,12 +206,17 @@ def capture_trajectories(bundle: DiffusionBundle, n: int, *, steps: int = 50, sc
         bar.update(1)
 
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            recorder.batch_index = i
             writer.begin_batch(batch.start, batch.stop)
             sample(bundle, len(batch), seed=seed, start_index=batch.start, scheduler=scheduler,
                    steps=steps, eta=eta, guidance=guidance, classes=classes, batch_size=len(batch),
                    device=device, progress=False, step_callback=on_step, distributed_mode=False)
             writer.end_batch()
+    except DiffquantError:
+        if not info.is_distributed:
+            shutil.rmtree(path, ignore_errors=True)  # leave no half-written cache behind
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -214,7 +224,7 @@ def capture_trajectories(bundle: DiffusionBundle, n: int, *, steps: int = 50, sc
 
     part = {"shards": [s.to_json() for s in writer.shards], "entry_shapes": writer.entry_shapes,
             "peak_buffer_bytes": writer.peak_buffer_bytes}
-    (path / f"{PART_PREFIX}{info.rank}.json").write_text(json.dumps(part))
+    write_json(path / f"{PART_PREFIX}{info.rank}.json", part, indent=None)
     distributed.barrier()
     if info.is_main:
         shards: list[Shard] = []

@@ -12,9 +12,19 @@ import torch
 from torch import Tensor
 
 from diffquant.calib.cache import X_KEY, TrajectoryCache
-from diffquant.errors import ConfigError
+from diffquant.errors import ConfigError, DiffquantError
 
 PICKS = ("first", "random")
+
+
+def check_finite_inputs(x: Tensor, where: str, describe_row=lambda i: f"entry {i}") -> None:
+    """Refuse NaN/Inf in calibration inputs: they would silently make quantizer ranges non-finite."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = bad.flatten(1).any(1).nonzero().flatten()
+        raise DiffquantError(f"{where} holds {int(bad.sum())} non-finite values (NaN/Inf) in {len(rows)} of "
+                             f"{x.shape[0]} inputs, first in {describe_row(int(rows[0]))}; "
+                             "calibration data must be finite")
 
 
 @dataclass
@@ -30,6 +40,11 @@ class CalibrationSet:
     steps: Tensor
     sample_ids: Tensor
     null_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.xs.is_floating_point():
+            check_finite_inputs(self.xs, "the calibration set",
+                                lambda i: f"entry {i} (step {int(self.steps[i])}, sample {int(self.sample_ids[i])})")
 
     def __len__(self) -> int:
         return self.xs.shape[0]

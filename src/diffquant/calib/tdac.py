@@ -28,7 +28,6 @@ code), the second mid ResBlock where there is none (``mid_block.resnets.1``, mni
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from diffquant.calib.cache import UNCOND_SUFFIX, TrajectoryCache
 from diffquant.calib.select import CalibrationSet, from_pairs
 from diffquant.errors import ConfigError
+from diffquant.jsonio import write_json
 
 log = logging.getLogger("diffquant.calib")
 
@@ -239,7 +239,7 @@ class TDACResult:
         """Write ``tdac.json`` and (with matplotlib) ``tdac_counts.png`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tdac.json").write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(directory / "tdac.json", self.to_dict(), indent=1)
         plot_counts(self.counts, directory / "tdac_counts.png", self.timesteps)
         return directory
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from diffquant.diffusion import distributed
 from diffquant.diffusion.sampling import SCHEDULERS, sample, save_samples
 from diffquant.errors import ConfigError
+from diffquant.fsutil import check_writable_dir
 
 
 def _class_list(text: str) -> list[int]:
@@ -15,6 +17,17 @@ def _class_list(text: str) -> list[int]:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan``/``inf`` are refused with a one-line message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +38,8 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", "--num-samples", dest="n", type=int, default=64, help="number of samples")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=finite_float, default=0.0, help="DDIM η (0 = deterministic)")
+    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--classes", type=_class_list, default=None,
                         help="comma-separated class labels, cycled over the samples")
     parser.add_argument("--seed", type=int, default=0)
@@ -47,6 +60,8 @@ def run_sample(args: argparse.Namespace, prepare=None) -> int:
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if distributed.dist_info().is_main:
+        check_writable_dir(args.out)
     owns_group = not distributed.dist_info().is_distributed
     info = distributed.init_from_env(args.device)
     try:

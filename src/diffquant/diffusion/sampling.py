@@ -10,7 +10,7 @@ so a bundle carrying a quantized denoiser (``bundle.with_unet(...)``) samples th
 from __future__ import annotations
 
 import inspect
-import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from diffquant.diffusion import distributed
 from diffquant.diffusion.grid import save_grid
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.zoo.registry import DiffusionBundle
+from diffquant.jsonio import write_json
 
 StepCallback = Callable[[int, int, Tensor, "Tensor | None"], None]
 
@@ -177,6 +178,9 @@ def _validate(bundle: DiffusionBundle, n: int, scheduler: str, steps: int, eta: 
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    for name, value in (("eta", eta), ("guidance", guidance)):
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, got {eta}")
     if eta != 0 and scheduler != "ddim":
@@ -289,7 +293,7 @@ def save_samples(result: SampleResult, out_dir: str | os.PathLike, grid_images: 
         arrays["labels"] = result.labels
     paths = {"npz": out / "samples.npz", "settings": out / "samples.json"}
     np.savez_compressed(paths["npz"], **arrays)
-    paths["settings"].write_text(json.dumps(result.settings, indent=2) + "\n")
+    write_json(paths["settings"], result.settings)
     if len(result.images):
         paths["grid"] = save_grid(out / "grid.png", result.images[:grid_images])
     return paths

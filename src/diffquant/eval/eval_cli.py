@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from diffquant.errors import DiffquantError
+from diffquant.fsutil import check_writable_dir
 
 REFERENCE_SETS = ("fashion-mnist", "mnist")
 REFERENCE_IMAGE_SHAPE = (1, 28, 28)
@@ -55,15 +56,21 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
         raise DiffquantError(f"samples file not found: {path}")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise DiffquantError(f"cannot read {path} as .npz: {e}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DiffquantError(f"{path} is a single .npy array, not an .npz archive with an 'images' array")
     with data:
         key = next((k for k in IMAGE_KEYS if k in data.files), None)
         if key is None:
             raise DiffquantError(f"{path} has no image array; expected one of {list(IMAGE_KEYS)}, found {data.files}")
-        images = data[key]
-        labels = data["labels"] if "labels" in data.files else None
-        protocol_text = str(data["protocol"]) if "protocol" in data.files else None
+        try:  # object arrays would need unpickling: refused by allow_pickle=False
+            images = data[key]
+            labels = data["labels"] if "labels" in data.files else None
+            protocol_text = str(data["protocol"]) if "protocol" in data.files else None
+        except (ValueError, OSError, EOFError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DiffquantError(f"{path}: cannot read its arrays ({first}); object arrays are never unpickled") from None
     settings_file = path.with_suffix(".json")
     if protocol_text is None and settings_file.is_file():
         protocol_text = settings_file.read_text()
@@ -82,6 +89,8 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
         raise DiffquantError(
             f"{path}: images must be [N,28,28], [N,1,28,28] or [N,28,28,1] with N >= 2; got {original_shape}"
         )
+    if labels is not None and not np.issubdtype(labels.dtype, np.integer):
+        raise DiffquantError(f"{path}: labels must be integers, got {labels.dtype}")
     if labels is not None and labels.shape != (images.shape[0],):
         raise DiffquantError(f"{path}: labels shape {labels.shape} does not match {images.shape[0]} images")
     return np.ascontiguousarray(images), labels, protocol
@@ -93,6 +102,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from diffquant.eval.inception import InceptionFeatures
     from diffquant.eval.report import evaluate_images, metrics_table, write_results
 
+    check_writable_dir(args.out)
     images, labels, protocol = load_samples(args.samples)
     fp_images = load_samples(args.fp_samples)[0] if args.fp_samples else None
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 import diffquant
 from diffquant.errors import DiffquantError
 from diffquant.paths import cache_dir
+from diffquant.jsonio import write_json
 
 REFSTATS_FORMAT = 1
 FD_EPS = 1e-6
@@ -139,9 +140,7 @@ class ReferenceStats:
         stem.parent.mkdir(parents=True, exist_ok=True)
         save_file(self.to_arrays(), str(stem.with_suffix(".safetensors")))
         meta = dict(self.meta, n=self.pool.n)
-        tmp = stem.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.replace(stem.with_suffix(".json"))
+        write_json(stem.with_suffix(".json"), meta, sort_keys=True)
 
     @classmethod
     def load(cls, path_stem: str | os.PathLike) -> "ReferenceStats":

@@ -25,6 +25,7 @@ from diffquant.eval.fid import FD_EPS, FeatureStats, ReferenceStats
 from diffquant.eval.fidelity import image_mse_psnr
 from diffquant.eval.inception import as_image_batch
 from diffquant.eval.prdc import DEFAULT_K, precision_recall
+from diffquant.jsonio import write_json
 
 ALL_METRICS = ("fid", "sfid", "precision", "recall", "accuracy", "mse", "psnr")
 INCEPTION_METRICS = {"fid", "sfid", "precision", "recall"}
@@ -172,19 +173,6 @@ def evaluate_images(
     return results
 
 
-def _json_safe(obj: Any) -> Any:
-    """Non-finite floats become strings ("inf") so results.json stays strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
@@ -229,6 +217,6 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(_json_safe(results), indent=2, sort_keys=False) + "\n")
+    write_json(json_path, results)
     md_path.write_text(results_markdown(results))
     return json_path, md_path

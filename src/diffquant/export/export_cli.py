@@ -54,8 +54,12 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to export: give --packed OUT, --onnx OUT.onnx and/or --float-onnx OUT.onnx")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    from ..fsutil import check_writable_dir
     from ..zoo.registry import load_model
 
+    for option, target in (("--packed", args.packed), ("--onnx", args.onnx), ("--float-onnx", args.float_onnx)):
+        if target:
+            check_writable_dir(Path(target).parent, f"{option} folder")
     bundle = load_model(args.model, assets=args.assets, device="cpu")
     qmodel = _load_quantized(bundle.unet, Path(args.quantized))
     example = bundle.example_inputs(args.batch)

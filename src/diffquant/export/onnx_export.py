@@ -19,7 +19,6 @@ a full copy of the weights.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..zoo.registry import denoiser_output_tensor
 from .codes import ExportError
 from .prepare import ExportPreparation, prepare_for_export
 from .onnx_modules import MODES, OnnxAttnProcessor, OnnxQuantLayer
+from ..jsonio import write_json
 
 DEFAULT_OPSET = 17
 SIDECAR_FORMAT = "diffquant-onnx"
@@ -243,7 +243,7 @@ def export_onnx(
     timesteps = None if len(groups) == 1 else [[schedule[k] for k in rows] for rows in groups]
     args, kwargs = _split_inputs(example_inputs)
     sidecar = sidecar_path(path)
-    sidecar.write_text(json.dumps({
+    write_json(sidecar, {
         "format": SIDECAR_FORMAT,
         "mode": mode,
         "opset": opset,
@@ -252,7 +252,7 @@ def export_onnx(
         "timestep_lookup": qmodel.timestep_index.lookup,
         "not_integer": blockers,
         "preparation": preparation.to_dict(),
-    }, indent=1))
+    }, indent=1)
     return OnnxExport(paths=paths, timesteps=timesteps, sidecar=sidecar, mode=mode,
                       not_integer=blockers if mode == "integer" else {}, preparation=preparation)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,9 @@ from ..nn.layers import attach_lora
 from ..quant.quantizer import UniformQuantizer
 from ..quant.variants import MixedBitQuantizer, replace_module
 from .trd import FeatureHook, TRDWindow
+from ..config import checked, knob
+from ..fsutil import fresh_directory, recover_directory, replace_directory
+from ..jsonio import write_json
 
 LORA_LR_MODES = ("library", "code")
 #: step and zero point of the official code's unused group-quantizer entries (§6.2 step 5)
@@ -51,6 +53,7 @@ FORMAT = "diffquant-finetune-progress"
 
 
 @dataclass
+@checked
 class FinetuneOptions:
     epochs: int = 800
     #: K: DDIM steps of the fine-tuning trajectory (= the sampling schedule of the TALSQ tables)
@@ -61,8 +64,8 @@ class FinetuneOptions:
     lora_lr_divisor: float = 2500.0
     #: library: ā over the channels' own steps | code: placeholders of the 3 group quantizers too
     lora_lr: str = "library"
-    weight_lr: float = 1e-6
-    act_lr: float = 5e-4
+    weight_lr: float = knob(1e-6, gt=0)
+    act_lr: float = knob(5e-4, gt=0)
     weight_decay: float = 0.01
     learn_weight_zero_point: bool = True
     trd: bool = True
@@ -195,6 +198,7 @@ class FinetuneCheckpoint:
         self.extra: dict = {}
 
     def read_state(self) -> dict | None:
+        recover_directory(self.root, STATE_FILE)
         file = self.root / STATE_FILE
         if not file.is_file():
             return None
@@ -237,10 +241,7 @@ class FinetuneCheckpoint:
 
     def save(self, qmodel: QuantModel, epoch: int, history: list[dict], optimizer=None, scheduler=None,
              extra: dict | None = None) -> None:
-        tmp = self.root.with_name(self.root.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = fresh_directory(self.root, STATE_FILE)
         save(qmodel, tmp / "model")
         opt_state = None
         if optimizer is not None:
@@ -257,15 +258,8 @@ class FinetuneCheckpoint:
         self.extra.update(extra or {})
         state = {"format": FORMAT, "fingerprint": self.fingerprint, "epoch": epoch, "history": history,
                  "optimizer": opt_state, "extra": self.extra}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
-        old = self.root.with_name(self.root.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if self.root.exists():
-            self.root.rename(old)
-        tmp.rename(self.root)
-        if old.exists():
-            shutil.rmtree(old)
+        write_json(tmp / STATE_FILE, state, indent=1, default=float)  # written last: the copy is complete
+        replace_directory(tmp, self.root)
 
 
 # ---------------------------------------------------------------------- the loop

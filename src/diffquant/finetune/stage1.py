@@ -25,9 +25,11 @@ from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer, attach_input_scale
 from ..quant.omq import search_split, smooth_scales
 from ..quant.variants import MixedBitQuantizer, replace_module
+from ..config import checked
 
 
 @dataclass
+@checked
 class Stage1Options:
     smooth: bool = True
     alpha: float = 0.5

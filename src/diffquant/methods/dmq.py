@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet, all_steps, uniform
-from ..config import LayerRule, QuantConfig
+from ..config import LayerRule, QuantConfig, checked, knob
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer, attach_input_scale
@@ -94,6 +94,7 @@ def _globs(name: str, value, named: dict[str, list[str]]) -> list[str]:
 
 
 @dataclass
+@checked
 class DMQConfig:
     """All knobs of DMQ (METHODS.md §5, ablation switches §8); defaults = the library's."""
 
@@ -122,7 +123,7 @@ class DMQConfig:
     #: reconstruction block's layers learned jointly against the block's float output)
     les_scope: str = "layer"
     les_iters: int = 6000
-    les_lr: float = 1e-3
+    les_lr: float = knob(1e-3, gt=0)
     #: focal | linear | quadratic | uniform
     time_weight: str = "focal"
     alpha: float = 20.0
@@ -141,7 +142,7 @@ class DMQConfig:
     iters_w: int = 20000
     #: batch of the LES and the weight pass
     batch_size: int = 32
-    lr_w: float = 1e-3
+    lr_w: float = knob(1e-3, gt=0)
     round_reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0

@@ -35,7 +35,7 @@ from torch import nn
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
 from ..calib.tdac import TDACResult, feature_hooks, select_tdac
-from ..config import QuantConfig
+from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
@@ -58,6 +58,7 @@ EVAL_SEED = 0
 
 
 @dataclass
+@checked
 class EDADMConfig:
     """All knobs of EDA-DM (METHODS.md §4, ablation switches §8); defaults = the library's.
 
@@ -114,10 +115,10 @@ class EDADMConfig:
     joint: bool = True
     iters: int = 5000
     batch_size: int = 32
-    lr_w: float = 5e-1
-    lr_a: float = 5e-4
+    lr_w: float = knob(5e-1, gt=0)
+    lr_a: float = knob(5e-4, gt=0)
     #: exponent of the block and layer losses (L_rec^2)
-    p: float = 2.0
+    p: float = knob(2.0, gt=0)
     #: weight of the layer losses (0 = plain block loss)
     add_loss: float = 0.8
     #: QDrop: probability that an activation quantizer keeps Q(x) per element (1.0 = QDrop off)

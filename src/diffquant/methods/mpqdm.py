@@ -27,7 +27,6 @@ looked up by timestep and an unknown timestep fails loudly (§1.7).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet, all_steps
-from ..config import QuantConfig
+from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..finetune.coverage import DEFAULT_EIGHT_BIT, DEFAULT_FP, apply_coverage
 from ..finetune.qalora import (
@@ -49,9 +48,11 @@ from ..model.qmodel import QuantModel
 from ..quant.omq import CANDIDATE_MODES, CRITERIA
 from ..recon.cache import DenoiserCall, default_call
 from .stages import ForwardLoop, recipe_fingerprint
+from ..jsonio import write_json
 
 
 @dataclass
+@checked
 class MPQDMConfig:
     """All knobs of MPQ-DM (METHODS.md §6, ablation switches §8); defaults = the library's."""
 
@@ -92,8 +93,8 @@ class MPQDMConfig:
     #: LoRA lr = ā / lora_lr_divisor; ā: library (channels' own steps) | code (with placeholders)
     lora_lr: str = "library"
     lora_lr_divisor: float = 2500.0
-    weight_lr: float = 1e-6
-    act_lr: float = 5e-4
+    weight_lr: float = knob(1e-6, gt=0)
+    act_lr: float = knob(5e-4, gt=0)
     weight_decay: float = 0.01
     #: learn the weight zero point with the weight step (EfficientDM: step only)
     learn_weight_zero_point: bool = True
@@ -319,7 +320,7 @@ def run_mpqdm(
     qmodel.mpq_records = {"coverage": coverage, "stage1": records, "history": history}
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        (Path(work_dir) / "mpqdm_records.json").write_text(json.dumps(qmodel.mpq_records, indent=1, default=float))
+        write_json(Path(work_dir) / "mpqdm_records.json", qmodel.mpq_records, indent=1, default=float)
     qmodel.clear_weight_cache()
     qmodel.eval()
     return qmodel

@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import QuantConfig
+from ..config import QuantConfig, checked
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from .stages import ForwardLoop, init_weight_quantizers, observe_activations
 
 
 @dataclass
+@checked
 class NaiveConfig:
     """Options of the naive recipe (its coverage is the wrap config's)."""
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import PICKS, CalibrationSet, from_pairs, uniform
-from ..config import QuantConfig
+from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
@@ -49,6 +49,7 @@ PASSES = ["weights", "acts"]
 
 
 @dataclass
+@checked
 class QDiffusionConfig:
     """All knobs of Q-Diffusion (METHODS.md §3, ablation switches §8); defaults = the library's."""
 
@@ -78,7 +79,7 @@ class QDiffusionConfig:
     #: first | random samples per step
     pick: str = "first"
     #: the step of ``single_t`` (negative: from the end, -1 = the last step)
-    single_step: int = -1
+    single_step: int = knob(-1, ge=None)
     calib_seed: int = 0
 
     # -- activation init
@@ -101,10 +102,10 @@ class QDiffusionConfig:
     iters_w: int = 20000
     iters_a: int = 5000
     batch_size: int = 32
-    lr_w: float = 1e-3
-    lr_a: float = 4e-4
-    p_w: float = 2.0
-    p_act: float = 2.4
+    lr_w: float = knob(1e-3, gt=0)
+    lr_a: float = knob(4e-4, gt=0)
+    p_w: float = knob(2.0, gt=0)
+    p_act: float = knob(2.4, gt=0)
     round_reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -156,6 +157,12 @@ class QDiffusionConfig:
     @property
     def recipe_name(self) -> str:
         return "qdiffusion_official" if self.official else "qdiffusion"
+
+    def check_calibration(self, steps: int) -> None:
+        """Options that depend on the calibration schedule, checked before anything is captured."""
+        if self.calib_policy == "single_t" and not -steps <= self.single_step < steps:
+            raise ConfigError(f"single_step={self.single_step} is outside the calibration schedule's {steps} steps "
+                              f"(use 0..{steps - 1}, or -1 for the last)")
 
     # ------------------------------------------------------------------ wrapping
     def wrap_config(self, quant: QuantConfig) -> QuantConfig:

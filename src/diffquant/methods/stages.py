@@ -1,7 +1,6 @@
 """Calibration stages shared by recipes (a recipe is a composition of these)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 
 from ..model.qmodel import QuantModel
+from ..jsonio import write_json
 
 #: runs calibration data through a model: ``forward_loop(model)``
 ForwardLoop = Callable[[nn.Module], None]
@@ -56,7 +56,7 @@ def finish_recipe(qmodel: QuantModel, name: str, config, quant, records: list, w
     qmodel.recon_records = [r.to_dict() for r in records]
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        (Path(work_dir) / "records.json").write_text(json.dumps(qmodel.recon_records, indent=1))
+        write_json(Path(work_dir) / "records.json", qmodel.recon_records, indent=1)
     qmodel.eval()
     return qmodel
 

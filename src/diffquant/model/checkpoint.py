@@ -20,10 +20,12 @@ from torch import nn
 from .. import __version__
 from ..config import QuantConfig, from_dict, save_yaml, to_dict
 from ..errors import CheckpointError, DiffquantError
+from ..quant.affine import GRIDS
 from ..quant.quantizer import UniformQuantizer
 from .plan import WrapPlan
 from .qmodel import QuantModel
 from .wrap import build
+from ..jsonio import write_json
 
 FORMAT = "diffquant-quant-state"
 FORMAT_VERSION = 1
@@ -40,8 +42,9 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
 def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Path:
     """Write the quantizer state of ``qmodel`` into directory ``path``; returns the directory."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in qmodel.quant_state_dict().items()}
+    _refuse_non_finite(tensors, "refusing to save the quantizer state")
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / STATE_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     float_shapes = _shapes(qmodel.model)
     manifest = {
@@ -57,6 +60,7 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
             "class": type(qmodel.model).__name__,
             "tensors": len(qmodel.float_keys),
             "shape_hash": _hash_shapes(float_shapes, qmodel.float_keys),
+            "shapes": {k: float_shapes[k] for k in qmodel.float_keys},
         },
         "quantizers": {name: q.describe() for name, q in qmodel.quantizers().items()},
         "layers": {
@@ -73,7 +77,7 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
         "extra": extra or {},
     }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    write_json(out / MANIFEST_FILE, manifest, indent=1)
     save_yaml(qmodel.config, out / "config.yaml")
     return out
 
@@ -103,17 +107,132 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(
             f"{manifest_path} has format version {version!r}; this diffquant ({__version__}) reads version {FORMAT_VERSION}"
         )
+    _validate_manifest(manifest, manifest_path)
     return manifest
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def _validate_manifest(manifest: dict, where: Path) -> None:
+    """Every field the loader reads, checked for presence and type (one line naming the field)."""
+    def need(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{where}: manifest field {field} must be {expected}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, kind, text in (("recipe", str, "a string"), ("recipe_config", dict, "a mapping"),
+                            ("config", dict, "a mapping"), ("plan", dict, "a mapping"),
+                            ("timestep_index", dict, "a mapping"), ("model", dict, "a mapping"),
+                            ("quantizers", dict, "a mapping"), ("layers", dict, "a mapping"),
+                            ("tensors", dict, "a mapping")):
+        need(isinstance(manifest.get(key), kind), f"{key!r}", text)
+    for key in ("attention", "extra"):
+        need(isinstance(manifest.get(key, {}), dict), f"{key!r}", "a mapping")
+    model = manifest["model"]
+    need(isinstance(model.get("class"), str), "'model.class'", "a string")
+    need(is_int(model.get("tensors")), "'model.tensors'", "an integer")
+    need(isinstance(model.get("shape_hash"), str), "'model.shape_hash'", "a string")
+    need(isinstance(model.get("shapes", {}), dict) and all(_is_shape(v) for v in model.get("shapes", {}).values()),
+         "'model.shapes'", "a mapping of tensor shapes")
+    plan = manifest["plan"]
+    need(isinstance(plan.get("layers"), list) and all(isinstance(lp, dict) and isinstance(lp.get("name"), str)
+                                                      for lp in plan["layers"]),
+         "'plan.layers'", "a list of layer plans with names")
+    index = manifest["timestep_index"]
+    steps = index.get("timesteps")
+    need(steps is None or (isinstance(steps, list) and all(is_int(t) for t in steps)),
+         "'timestep_index.timesteps'", "a list of integers or null")
+    need(index.get("lookup", "exact") in ("exact", "nearest"), "'timestep_index.lookup'", "'exact' or 'nearest'")
+    for name, desc in manifest["quantizers"].items():
+        need(isinstance(desc, dict), f"'quantizers.{name}'", "a mapping")
+        need(is_int(desc.get("bits")) and (1 <= desc["bits"] <= 8 or desc["bits"] in (16, 32)),
+             f"'quantizers.{name}.bits'", "a bit-width (1-8, 16 or 32)")
+        need(desc.get("grid") in GRIDS, f"'quantizers.{name}.grid'", "one of " + ", ".join(GRIDS))
+        for flag in ("include_zero", "clamp_zero_point", "enabled"):
+            if flag in desc:
+                need(isinstance(desc[flag], bool), f"'quantizers.{name}.{flag}'", "true or false")
+        if "init" in desc:
+            need(isinstance(desc["init"], str), f"'quantizers.{name}.init'", "a string")
+        if desc.get("momentum") is not None:
+            need(isinstance(desc["momentum"], (int, float)) and not isinstance(desc["momentum"], bool)
+                 and 0 <= desc["momentum"] <= 1, f"'quantizers.{name}.momentum'", "a number in [0, 1]")
+        if "class" in desc:
+            need(isinstance(desc["class"], str), f"'quantizers.{name}.class'", "a string")
+        for key in ("pts_axis", "pts_channels"):
+            if key in desc:
+                need(is_int(desc[key]), f"'quantizers.{name}.{key}'", "an integer")
+    for name, state in manifest["layers"].items():
+        need(isinstance(state, dict), f"'layers.{name}'", "a mapping")
+        for flag in ("use_weight_quant", "use_act_quant"):
+            need(isinstance(state.get(flag), bool), f"'layers.{name}.{flag}'", "true or false")
+        need(isinstance(state.get("input_scale", False), bool), f"'layers.{name}.input_scale'", "true or false")
+        rounding = state.get("adaround")
+        need(rounding is None or (isinstance(rounding, list) and all(isinstance(m, str) for m in rounding)),
+             f"'layers.{name}.adaround'", "null or a list of rounding modes")
+        rank = state.get("lora_rank")
+        need(rank is None or (is_int(rank) and rank >= 1), f"'layers.{name}.lora_rank'", "null or a positive integer")
+    for name, state in manifest.get("attention", {}).items():
+        need(isinstance(state, dict) and isinstance(state.get("use_act_quant"), bool),
+             f"'attention.{name}.use_act_quant'", "true or false")
+    for key, entry in manifest["tensors"].items():
+        need(isinstance(entry, dict) and _is_shape(entry.get("shape")) and isinstance(entry.get("dtype"), str),
+             f"'tensors.{key}'", "a mapping with a shape (list of sizes) and a dtype name")
+
+
+def _check_tensor_table(manifest: dict, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """The state file must hold exactly the manifest's tensors, each with its dtype and shape."""
+    table = manifest["tensors"]
+    missing = sorted(set(table) - set(tensors))
+    extra = sorted(set(tensors) - set(table))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which the manifest does not list"
+        raise CheckpointError(f"{file} does not match its manifest: it {what}")
+    for key, value in tensors.items():
+        dtype = str(value.dtype).replace("torch.", "")
+        if dtype != table[key]["dtype"] or list(value.shape) != table[key]["shape"]:
+            raise CheckpointError(f"{file}: {key} is {dtype} {tuple(value.shape)}, the manifest says "
+                                  f"{table[key]['dtype']} {tuple(table[key]['shape'])}")
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Steps, zero points, ranges and rounding variables must all be finite numbers."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{what}: {key} holds {count} non-finite values (NaN/Inf); "
+                                  "the calibration diverged or was fed non-finite data")
+
+
+def _first_difference(saved: dict, shapes: dict[str, list[int]]) -> str:
+    """What differs between the saved float model and this one, in words."""
+    theirs = saved.get("shapes")
+    if not isinstance(theirs, dict):
+        return "the tensor shapes differ (this checkpoint does not list them)"
+    for key in sorted(set(theirs) | set(shapes)):
+        if key not in shapes:
+            return f"this model has no tensor {key} (saved shape {tuple(theirs[key])})"
+        if key not in theirs:
+            return f"this model has an extra tensor {key} {tuple(shapes[key])}"
+        if list(theirs[key]) != list(shapes[key]):
+            return f"{key} is {tuple(theirs[key])} in the checkpoint, {tuple(shapes[key])} in this model"
+    return "the tensor order differs"
 
 
 def _check_architecture(model: nn.Module, manifest: dict) -> None:
     saved = manifest["model"]
     keys = list(model.state_dict().keys())
     shapes = _shapes(model)
-    if type(model).__name__ != saved["class"] or len(keys) != saved["tensors"] or _hash_shapes(shapes, keys) != saved["shape_hash"]:
+    if type(model).__name__ != saved["class"]:
+        raise CheckpointError(f"checkpoint was made for another architecture: a {saved['class']}, not this "
+                              f"{type(model).__name__}")
+    if len(keys) != saved["tensors"] or _hash_shapes(shapes, keys) != saved["shape_hash"]:
         raise CheckpointError(
-            f"checkpoint was made for a different architecture ({saved['class']} with {saved['tensors']} tensors), "
-            f"not this {type(model).__name__} with {len(keys)} tensors"
+            f"checkpoint was made for another architecture ({saved['class']} with {saved['tensors']} tensors, "
+            f"this one has {len(keys)}): {_first_difference(saved, shapes)}"
         )
     for lp in manifest["plan"]["layers"]:
         try:
@@ -139,6 +258,8 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
     manifest = read_manifest(path)
     _check_architecture(model, manifest)
     tensors = _read_tensors(path / STATE_FILE)
+    _check_tensor_table(manifest, tensors, path / STATE_FILE)
+    _refuse_non_finite(tensors, f"{path / STATE_FILE} cannot be loaded")
     try:
         config = from_dict(QuantConfig, manifest["config"])
         plan = WrapPlan.from_dict(manifest["plan"])
@@ -146,7 +267,11 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
         raise CheckpointError(f"{path / MANIFEST_FILE} has an invalid plan or config ({exc})") from None
     if not inplace:
         model = copy.deepcopy(model)
-    qmodel = build(model, config, plan)
+    try:
+        qmodel = build(model, config, plan)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, DiffquantError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path / MANIFEST_FILE}: its wrap plan does not fit this model ({first})") from None
     qmodel.recipe = manifest.get("recipe", "none")
     qmodel.recipe_config = manifest.get("recipe_config", {})
     qmodel.timestep_index.lookup = manifest.get("timestep_index", {}).get("lookup", config.timestep_lookup)
@@ -176,6 +301,12 @@ def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Te
             replace_module(qmodel.model, name, new)
         _restore_quantizer(new, desc)
     layers = qmodel.layers()
+    processors = qmodel.attention_processors()
+    for section, known in (("layers", layers), ("attention", processors)):
+        unknown = sorted(set(manifest.get(section, {})) - set(known))
+        if unknown:
+            raise CheckpointError(f"{path / MANIFEST_FILE}: {section} entry {unknown[0]} does not exist in the "
+                                  "rebuilt model")
     for name, state in manifest["layers"].items():
         layer = layers[name]
         layer.use_weight_quant = state["use_weight_quant"]
@@ -194,7 +325,7 @@ def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Te
         elif not rank:
             layer.weight_delta = None
     for name, state in manifest.get("attention", {}).items():
-        qmodel.attention_processors()[name].use_act_quant = state["use_act_quant"]
+        processors[name].use_act_quant = state["use_act_quant"]
 
     expected = qmodel.quant_state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -207,6 +338,9 @@ def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Te
             raise CheckpointError(
                 f"{key}: saved shape {tuple(value.shape)} differs from the model's {tuple(expected[key].shape)}"
             )
+        if value.dtype != expected[key].dtype:
+            raise CheckpointError(f"{path / STATE_FILE}: {key} is saved as {value.dtype}, the model keeps it "
+                                  f"as {expected[key].dtype}")
     device = next(iter(expected.values())).device if expected else None
     qmodel.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
     qmodel.clear_weight_cache()
@@ -218,7 +352,10 @@ def restore_into(qmodel: QuantModel, path: str | Path) -> QuantModel:
     manifest = read_manifest(path)
     if manifest["plan"] != json.loads(json.dumps(qmodel.plan.to_dict())):
         raise CheckpointError(f"{path}: the saved wrap plan differs from this model's")
-    _apply_state(qmodel, manifest, _read_tensors(path / STATE_FILE), path)
+    tensors = _read_tensors(path / STATE_FILE)
+    _check_tensor_table(manifest, tensors, path / STATE_FILE)
+    _refuse_non_finite(tensors, f"{path / STATE_FILE} cannot be loaded")
+    _apply_state(qmodel, manifest, tensors, path)
     return qmodel
 
 

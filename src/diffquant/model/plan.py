@@ -10,12 +10,14 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, checked, from_dict
 from ..nn.layers import SUPPORTED, layer_kind
+from ..quant.affine import validate_bits
 from .trace import TraceResult
 
 
 @dataclass
+@checked
 class LayerPlan:
     name: str
     kind: str
@@ -25,8 +27,13 @@ class LayerPlan:
     split: int | None = None
     roles: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        validate_bits(self.weight_bits, f"{self.name}: weight_bits")
+        validate_bits(self.act_bits, f"{self.name}: act_bits")
+
 
 @dataclass
+@checked
 class UnitPlan:
     """One reconstruction problem: a block (with its layers) or a single layer."""
 
@@ -38,6 +45,7 @@ class UnitPlan:
 
 
 @dataclass
+@checked
 class WrapPlan:
     layers: list[LayerPlan]
     attention: list[str]
@@ -50,12 +58,7 @@ class WrapPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "WrapPlan":
-        return cls(
-            layers=[LayerPlan(**d) for d in data["layers"]],
-            attention=list(data["attention"]),
-            units=[UnitPlan(**d) for d in data["units"]],
-            timesteps=data.get("timesteps"),
-        )
+        return from_dict(cls, data)
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:

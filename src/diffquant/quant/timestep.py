@@ -7,6 +7,7 @@ always selects the same entry, however many extra forwards happen.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -43,6 +44,9 @@ class TimestepIndex:
             flat = t.detach().reshape(-1)
             if flat.numel() == 0:
                 raise DiffquantError("the denoiser was called with an empty timestep tensor")
+            if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+                raise DiffquantError(f"the denoiser was called with a non-finite timestep ({flat[0].item()}); "
+                                     "per-timestep quantization needs a real timestep")
             if flat.numel() > 1 and not bool((flat == flat[0]).all()):
                 raise DiffquantError(
                     "per-timestep quantization needs one timestep per denoiser call; "
@@ -50,6 +54,9 @@ class TimestepIndex:
                 )
             t = flat[0].item()
         t_val = float(t)
+        if not math.isfinite(t_val):
+            raise DiffquantError(f"the denoiser was called with a non-finite timestep ({t_val}); "
+                                 "per-timestep quantization needs a real timestep")
         if self.lookup == "exact":
             for k, tk in enumerate(self.timesteps):
                 if tk == t_val:

@@ -36,6 +36,7 @@ from ..calib.select import CalibrationSet
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from .state import quant_state
+from ..config import checked
 
 #: ``call(model, x, t, labels)`` runs the denoiser on one batch (e.g. ``bundle.predict_noise``).
 DenoiserCall = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], Any]
@@ -100,6 +101,7 @@ class CalibrationCalls:
 
 
 @dataclass
+@checked
 class CacheOptions:
     """Where and how unit caches are stored.
 

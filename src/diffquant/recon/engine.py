@@ -34,6 +34,7 @@ from .loss import lp_loss
 from .progress import ReconProgress
 from .state import quant_state
 from .units import Unit
+from ..config import checked
 
 log = logging.getLogger("diffquant.recon")
 INPUT_SOURCES = ("q", "fp", "both")
@@ -135,6 +136,7 @@ class ReconPass:
 
 
 @dataclass
+@checked
 class EngineOptions:
     seed: int = 0
     device: str | torch.device = "cpu"

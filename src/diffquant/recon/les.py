@@ -77,6 +77,7 @@ from .progress import ReconProgress
 from .state import quant_state
 from .time_weight import TIME_WEIGHTS, TimestepWeighting, per_sample_loss
 from .units import Unit, make_units
+from ..config import checked, knob
 
 log = logging.getLogger("diffquant.recon")
 PASS_NAME = "les"
@@ -245,12 +246,13 @@ def capture_layer_io(model: nn.Module, names: list[str], data: CalibrationCalls,
 
 # ---------------------------------------------------------------------- training
 @dataclass
+@checked
 class LESOptions:
     """Hyperparameters of the LES pass (METHODS.md §5.1, §5.2)."""
 
     iters: int = 6000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = knob(1e-3, gt=0)
     #: focal | linear | quadratic | uniform
     time_weight: str = "focal"
     alpha: float = 20.0

@@ -4,7 +4,8 @@
 (safetensors + manifest, AdaRound V and hard rounding included) and ``progress.json`` with the
 pass and index of the last finished unit, the per-unit records so far, a fingerprint of the run's
 settings and the global torch RNG state. A checkpoint is written to a sibling directory first and
-then swapped in, so an interruption never leaves a half-written one.
+then swapped in, so an interruption never leaves a half-written one, nor none at all (a kill
+between the two renames of the swap is repaired on the next read: :mod:`diffquant.fsutil`).
 
 A run given the same ``work_dir`` restores that state into its freshly wrapped model and continues
 at the next unit; because every unit is trained with its own seed, it ends in the same state as an
@@ -15,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from ..config import to_dict
 from ..errors import CheckpointError
 from ..model.checkpoint import restore_into, save
 from ..model.qmodel import QuantModel
+from ..fsutil import fresh_directory, recover_directory, replace_directory
+from ..jsonio import write_json
 
 PROGRESS_DIR = "progress"
 PROGRESS_FILE = "progress.json"
@@ -61,15 +63,20 @@ class ReconProgress:
         return self.root / PROGRESS_DIR
 
     def _read(self) -> dict[str, Any] | None:
+        recover_directory(self.path, PROGRESS_FILE)
         file = self.path / PROGRESS_FILE
         if not file.is_file():
             return None
         try:
             state = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{file} is corrupt ({exc.msg})") from None
-        if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file} is corrupt ({getattr(exc, 'msg', exc)})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{file} is not a diffquant reconstruction progress file")
+        for key, kind in (("fingerprint", str), ("pass", str), ("last_unit", int), ("units", dict),
+                          ("records", dict), ("rng", str)):
+            if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+                raise CheckpointError(f"{file}: field {key!r} is missing or of the wrong type")
         return state
 
     def restore(self, qmodel: QuantModel) -> bool:
@@ -127,17 +134,8 @@ class ReconProgress:
             "records": {**previous["records"], pass_name: list(records)},
             "rng": _encode_rng(torch.get_rng_state()),
         }
-        self.root.mkdir(parents=True, exist_ok=True)
-        fresh = self.root / (PROGRESS_DIR + ".new")
-        old = self.root / (PROGRESS_DIR + ".old")
-        for d in (fresh, old):
-            if d.exists():
-                shutil.rmtree(d)
+        fresh = fresh_directory(self.path, PROGRESS_FILE)
         save(qmodel, fresh, extra={"progress": {"pass": pass_name, "last_unit": int(last_unit)}})
-        (fresh / PROGRESS_FILE).write_text(json.dumps(state, indent=1))
-        if self.path.exists():
-            self.path.rename(old)
-        fresh.rename(self.path)
-        if old.exists():
-            shutil.rmtree(old)
+        write_json(fresh / PROGRESS_FILE, state, indent=1)  # written last: marks the copy complete
+        replace_directory(fresh, self.path)
         self.state = state

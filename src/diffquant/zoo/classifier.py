@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.jsonio import write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -65,7 +66,7 @@ def save_classifier(model: FashionClassifier, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_NAME))
-    (out / CONFIG_NAME).write_text(json.dumps({**model.config(), **(extra or {})}, indent=2) + "\n")
+    write_json(out / CONFIG_NAME, {**model.config(), **(extra or {})})
     return out
 
 

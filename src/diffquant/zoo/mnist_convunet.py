@@ -10,12 +10,12 @@ own time MLP output added to its input; the decoder stages take ``cat([encoder_o
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from diffquant.errors import DiffquantError
+from diffquant.safeload import load_state_strict, load_tensor_dict
 from diffquant.zoo.mnist_resunet import sinusoidal_table, timesteps_for_batch
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -115,11 +115,11 @@ class MnistConvUNet(nn.Module):
 
 def load_mnist_convunet(path: str | os.PathLike, device: str | torch.device = "cpu") -> MnistConvUNet:
     """Build :class:`MnistConvUNet` and load the pretrained state dict strictly (prefix stripped)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = load_tensor_dict(path, "mnist-convunet weights file")
     foreign = [k for k in state if not k.startswith(CHECKPOINT_PREFIX)]
     if foreign:
         raise DiffquantError(f"{path}: unexpected key {foreign[0]!r}: expected every key to start with 'network.'")
     state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state.items()}
     model = MnistConvUNet()
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, path)
     return model.to(device).eval()

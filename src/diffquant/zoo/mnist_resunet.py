@@ -11,11 +11,12 @@ skip's size) and two ResBlocks fed ``cat([skip, x])``; SiLU â†’ ``conv_out`` 10â
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffquant.safeload import load_state_strict, load_tensor_dict
 
 NUM_TRAIN_TIMESTEPS = 1000
 TIME_TABLE_DIM = 128
@@ -197,6 +198,5 @@ class MnistResUNet(nn.Module):
 def load_mnist_resunet(path: str | os.PathLike, device: str | torch.device = "cpu") -> MnistResUNet:
     """Build :class:`MnistResUNet` and load the pretrained state dict strictly."""
     model = MnistResUNet()
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, load_tensor_dict(path, "mnist-resunet weights file"), path)
     return model.to(device).eval()

@@ -240,9 +240,14 @@ def _load_unet_folder(folder: Path, device: str | torch.device):
                              "(expected UNet2DModel or UNet2DConditionModel)")
     try:
         unet = classes[class_name].from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DiffquantError(f"{folder}: cannot load {class_name}: {first_line}") from err
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        # e.g. a config.json that disagrees with the weights: name the first mismatching tensor
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        mismatch = [ln for ln in lines if ln.startswith("size mismatch")]
+        first_line = (mismatch or lines or [type(err).__name__])[0]
+        if len(first_line) > 300:
+            first_line = first_line[:300] + " …"
+        raise DiffquantError(f"{folder}: cannot load {class_name}: {first_line}") from None
     return unet.to(device).eval(), class_name, dict(unet.config)
 
 

@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffquant.config import checked, from_dict, knob
 from diffquant.data import FASHION_CLASSES, load_split, to_model_range
 from diffquant.errors import DiffquantError
+from diffquant.jsonio import write_json
+from diffquant.safeload import load_state_strict, load_torch_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 NULL_CLASS = 10  # label used for the unconditional branch of classifier-free guidance
@@ -33,6 +36,7 @@ NULL_CLASS = 10  # label used for the unconditional branch of classifier-free gu
 
 
 @dataclass
+@checked
 class UNetConfig:
     """Architecture of the diffusers ``UNet2DModel``; ``attn_levels`` are the resolution levels
     (0 = full resolution) whose down and mirrored up blocks get self-attention."""
@@ -80,6 +84,7 @@ class UNetConfig:
 
 
 @dataclass
+@checked
 class TrainConfig:
     """Diffusion training run. ``steps`` fixes the LR schedule; ``max_minutes`` only stops early."""
 
@@ -89,7 +94,7 @@ class TrainConfig:
     data_dir: str | None = None
     steps: int = 10_000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = knob(1e-3, gt=0)
     lr_schedule: str = "constant"  # "constant" or "cosine" (after linear warm-up)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     warmup_steps: int = 200
@@ -122,6 +127,7 @@ class TrainConfig:
 
 
 @dataclass
+@checked
 class ClassifierTrainConfig:
     """Classifier training run on the Fashion-MNIST training split."""
 
@@ -131,7 +137,7 @@ class ClassifierTrainConfig:
     data_dir: str | None = None
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = knob(3e-3, gt=0)
     weight_decay: float = 5e-4
     hflip: bool = True
     seed: int = 0
@@ -283,9 +289,19 @@ def _save_diffusion_checkpoint(path: Path, cfg: TrainConfig, step: int, model, e
     )
 
 
+CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "torch_rng", "loss_avg", "config")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training checkpoint (plain tensors and dicts only: ``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "training checkpoint")
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise DiffquantError(f"{path}: not a diffquant training checkpoint (expected the entries "
+                             f"{', '.join(CHECKPOINT_KEYS)}; found {have})")
+    if not isinstance(state["config"], dict):
+        raise DiffquantError(f"{path}: the checkpoint's config entry is not a mapping")
+    return state
 
 
 def train_diffusion(cfg: TrainConfig) -> Path:
@@ -314,15 +330,18 @@ def train_diffusion(cfg: TrainConfig) -> Path:
         if not cfg.resume:
             raise DiffquantError(f"{ckpt_path} exists; pass --resume to continue it or pick another --out")
         state = load_checkpoint(ckpt_path)
-        saved = TrainConfig(**state["config"])
+        saved = from_dict(TrainConfig, state["config"])
         if asdict(saved.model) != asdict(cfg.model):
             raise DiffquantError(f"{ckpt_path} was trained with a different model config: {saved.model}")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        load_state_strict(model, state["model"], ckpt_path)
+        load_state_strict(ema, state["ema"], ckpt_path)
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DiffquantError(f"{ckpt_path}: the optimizer state does not fit this model ({exc})") from None
         torch.set_rng_state(state["torch_rng"])
         step, loss_avg = int(state["step"]), state["loss_avg"]
-    (out / "train_config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
+    write_json(out / "train_config.json", _config_dict(cfg))
 
     images, labels = load_split(cfg.dataset, "train", cfg.data_dir)
     data = DiffusionData(images, labels, cfg.batch_size, cfg.seed)
@@ -395,9 +414,9 @@ def export_diffusion(run_dir: str | os.PathLike, export_dir: str | os.PathLike) 
     """
     run_dir, export_dir = Path(run_dir), Path(export_dir)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    cfg = TrainConfig(**state["config"])
+    cfg = from_dict(TrainConfig, state["config"])
     unet = build_unet(cfg.model)
-    unet.load_state_dict(state["ema"])
+    load_state_strict(unet, state["ema"], run_dir / CHECKPOINT_NAME)
     export_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(export_dir / "unet", safe_serialization=True)
     build_scheduler(cfg).save_pretrained(export_dir / "scheduler")
@@ -413,7 +432,7 @@ def export_diffusion(run_dir: str | os.PathLike, export_dir: str | os.PathLike) 
         "ema_decay": cfg.ema_decay,
         "parameters": count_parameters(unet),
     }
-    (export_dir / "diffquant_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(export_dir / "diffquant_model.json", meta)
     return export_dir
 
 
