@@ -7,15 +7,25 @@ Public API::
     diffquant.run_naive(qmodel, forward_loop)          # or another recipe
     diffquant.save(qmodel, "out/w4a8")
     qmodel = diffquant.load(fresh_unet, "out/w4a8")
+
+A diffusers pipeline, drop-in::
+
+    calib = diffquant.capture_pipeline(pipe, prompts=["a cat"], num_inference_steps=20)
+    pipe.unet = diffquant.apply_recipe(pipe.unet, calib, "qdiffusion", diffquant.QuantConfig(weight_bits=4))
 """
 __version__ = "0.1.0"
 
 from .config import LayerRule, QuantConfig, load_yaml, save_yaml  # noqa: E402
 from .errors import CheckpointError, ConfigError, DiffquantError  # noqa: E402
 from .methods import RECIPES, NaiveConfig, run_naive  # noqa: E402
-from .model import QuantModel, load, quantize, save  # noqa: E402
+from .model import QuantModel, load, load_pipeline, quantize, save, save_pipeline  # noqa: E402
+from .calib.conditioning import Conditioning, conditioned_call  # noqa: E402
+from .calib.pipeline_capture import PipelineCalibration, capture_pipeline, read_prompts  # noqa: E402
+from .pipeline import apply_recipe  # noqa: E402
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DiffquantError", "LayerRule", "NaiveConfig", "QuantConfig",
-    "QuantModel", "RECIPES", "load", "load_yaml", "quantize", "run_naive", "save", "save_yaml",
+    "CheckpointError", "ConfigError", "Conditioning", "DiffquantError", "LayerRule", "NaiveConfig",
+    "PipelineCalibration", "QuantConfig", "QuantModel", "RECIPES", "apply_recipe", "capture_pipeline",
+    "conditioned_call", "load", "load_pipeline", "load_yaml", "quantize", "read_prompts", "run_naive", "save",
+    "save_pipeline", "save_yaml",
 ]

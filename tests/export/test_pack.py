@@ -159,7 +159,7 @@ def test_packed_file_reproduces_the_quantized_model_exactly(bits, calibrated_une
     for skeleton in (make_unet(), None):  # onto a given architecture, or rebuilt from the file alone
         loaded = load_packed(skeleton, path)
         assert torch.equal(_outputs(loaded, unet_inputs), expected)
-    assert loaded.config.weight_bits == bits[0] and loaded.recipe == "naive"
+    assert loaded.quant_config.weight_bits == bits[0] and loaded.recipe == "naive"
     assert any(lp.split for lp in loaded.plan.layers)
     assert not torch.equal(expected, _outputs(make_unet(), unet_inputs))
 

@@ -131,7 +131,7 @@ def test_tables_pick_the_row_of_the_given_timestep(calibrated, bundle):
 def test_nearest_lookup_is_a_config_switch_saved_with_the_model(bundle, trajectories, tmp_path):
     config = DMQConfig(timestep_lookup="nearest", les=False, weight_recon=False, pts="off", **TINY)
     qmodel, _ = calibrate(bundle, trajectories, config)
-    assert qmodel.config.timestep_lookup == "nearest"
+    assert qmodel.quant_config.timestep_lookup == "nearest"
     save(qmodel, tmp_path / "q")
     assert load(bundle.unet, tmp_path / "q").timestep_index.lookup == "nearest"
 
@@ -214,7 +214,7 @@ def test_ablation_switches(bundle, trajectories):
 
 def test_weight_only(bundle, trajectories):
     qmodel, _ = calibrate(bundle, trajectories, DMQConfig(weight_only=True, **TINY))
-    assert qmodel.config.tag == "W4A32" and not qmodel.timestep_index.timesteps
+    assert qmodel.quant_config.tag == "W4A32" and not qmodel.timestep_index.timesteps
     assert {r["pass_name"] for r in qmodel.recon_records} == {"les", "weights"}
 
 
@@ -247,7 +247,7 @@ def test_pipeline_runs_the_recipe(bundle, tmp_path):
     calib = CalibConfig(n=4, steps=4, every=2, batch_size=4, guidance=2.0)
     res = quantize_bundle(bundle, "dmq", QuantConfig(weight_bits=4, act_bits=8), calib, cache_dir=tmp_path,
                           recipe_config=DMQConfig(**TINY), work_dir=tmp_path / "work")
-    assert res.qmodel.recipe == "dmq" and res.qmodel.config.split
+    assert res.qmodel.recipe == "dmq" and res.qmodel.quant_config.split
     assert len(res.qmodel.timestep_index.timesteps) == 4  # all_steps: every sampler step
     assert (tmp_path / "work" / "progress" / "progress.json").is_file()
 

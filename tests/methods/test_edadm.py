@@ -140,7 +140,7 @@ def test_official_preset_and_its_switches(bundle, trajectories):
 def test_range_search_modes_and_rules_on_a_fresh_wrap(bundle):
     config = EDADMConfig()
     qmodel = wrap(bundle, config)
-    assert qmodel.config.weight_init == qmodel.config.act_init == "edadm_grid"
+    assert qmodel.quant_config.weight_init == qmodel.quant_config.act_init == "edadm_grid"
     configure_range_search(qmodel, "symmetric_1d")
     assert all(q.init_options["symmetric"] for q in qmodel.quantizers().values())
     configure_range_search(qmodel, "auto")
@@ -175,7 +175,7 @@ def test_tdac_off_sequential_passes_and_weight_only(bundle, trajectories):
 
     w_only = EDADMConfig(**{**TINY, "weight_only": True, "iters": 2})
     qmodel, _ = calibrate(bundle, trajectories, w_only)
-    assert qmodel.config.tag == "W4A32" and not qmodel.plan.attention
+    assert qmodel.quant_config.tag == "W4A32" and not qmodel.plan.attention
     assert {r["pass_name"] for r in qmodel.recon_records} == {"fbr"}
 
 
@@ -221,7 +221,7 @@ def test_pipeline_captures_features_and_runs_the_recipe(bundle, tmp_path):
     config = EDADMConfig(**{**TINY, "iters": 1})
     res = quantize_bundle(bundle, "edadm", QuantConfig(weight_bits=4, act_bits=8), calib, cache_dir=tmp_path,
                           recipe_config=config, work_dir=tmp_path / "work")
-    assert res.qmodel.recipe == "edadm" and res.qmodel.config.act_init == "edadm_grid"
+    assert res.qmodel.recipe == "edadm" and res.qmodel.quant_config.act_init == "edadm_grid"
     reports = list(tmp_path.glob("traj-*/tdac-*/tdac.json"))
     assert len(reports) == 1  # TDAC ran on a capture that recorded the feature hook
     assert (tmp_path / "work" / "progress" / "progress.json").is_file()

@@ -123,7 +123,7 @@ def test_w4a32_leaves_activations_in_floating_point(make_unet, unet_inputs):
     float_model = make_unet()
     data = batches(unet_inputs)
     qmodel = quantize(float_model, QuantConfig(weight_bits=4, act_bits=8, quantize_acts=False))
-    assert qmodel.config.tag == "W4A32"
+    assert qmodel.quant_config.tag == "W4A32"
     run_naive(qmodel, None)  # no calibration data needed
     assert qmodel.plan.attention == []
     assert all(not q.active for q in qmodel.quantizers("act").values())
@@ -197,4 +197,4 @@ def test_naive_config_range_policies_reach_the_wrapped_quantizers(tmp_path, monk
                           recipe_config=NaiveConfig(w_init="lp_shrink", a_init="ema_minmax"))
     assert {q.init for q in res.qmodel.quantizers("weight").values()} == {"lp_shrink"}
     assert {q.init for q in res.qmodel.quantizers("act").values()} == {"ema_minmax"}
-    assert res.qmodel.config.weight_init == "lp_shrink"
+    assert res.qmodel.quant_config.weight_init == "lp_shrink"

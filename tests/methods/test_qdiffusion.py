@@ -140,7 +140,7 @@ def test_resume_of_the_recipe_equals_an_uninterrupted_run(bundle, trajectories, 
 def test_weight_only_needs_no_activation_data(bundle, trajectories):
     config = QDiffusionConfig(weight_only=True, **TINY)
     qmodel, _ = calibrate(bundle, trajectories, config)
-    assert qmodel.config.tag == "W4A32" and not qmodel.plan.attention
+    assert qmodel.quant_config.tag == "W4A32" and not qmodel.plan.attention
     assert {r["pass_name"] for r in qmodel.recon_records} == {"weights"}
     assert all(not q.active or not layer.use_act_quant
                for layer in qmodel.layers().values() for q in layer.act_quantizers)
@@ -215,7 +215,7 @@ def test_pipeline_runs_the_recipe_with_its_calibration_set(bundle, tmp_path):
     config = QDiffusionConfig(**TINY)
     res = quantize_bundle(bundle, "qdiffusion", QuantConfig(weight_bits=4, act_bits=8), calib,
                           cache_dir=tmp_path, recipe_config=config, work_dir=tmp_path / "work")
-    assert res.qmodel.recipe == "qdiffusion" and res.qmodel.config.split
+    assert res.qmodel.recipe == "qdiffusion" and res.qmodel.quant_config.split
     assert (tmp_path / "work" / "progress" / "progress.json").is_file()
     naive = quantize_bundle(bundle, "naive", QuantConfig(weight_bits=4, act_bits=8), calib, cache_dir=tmp_path)
-    assert naive.qmodel.recipe == "naive" and not naive.qmodel.config.split
+    assert naive.qmodel.recipe == "naive" and not naive.qmodel.quant_config.split

@@ -69,7 +69,7 @@ def test_round_trip_is_bit_identical_without_a_forward(bits, calibrated, make_un
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
-    assert loaded.recipe == "naive" and loaded.config.weight_bits == bits[0]
+    assert loaded.recipe == "naive" and loaded.quant_config.weight_bits == bits[0]
     assert [lp.split for lp in loaded.plan.layers] == [lp.split for lp in qmodel.plan.layers]
     assert loaded.quant_state_dict().keys() == qmodel.quant_state_dict().keys()
     assert all(a.enabled == b.enabled and a.bits == b.bits

@@ -29,7 +29,9 @@ def check_finite_inputs(x: Tensor, where: str, describe_row=lambda i: f"entry {i
 
 @dataclass
 class CalibrationSet:
-    """M calibration inputs: ``xs`` [M, C, H, W], ``ts`` [M], ``labels`` [M] or None.
+    """M calibration inputs: ``xs`` [M, C, H, W], ``ts`` [M], ``labels`` [M] or None — or, for calls
+    recorded from a pipeline, a :class:`~diffquant.calib.conditioning.Conditioning` with every other
+    argument of the denoiser (text embeddings, ...), indexed like labels.
 
     ``steps`` and ``sample_ids`` record where each entry came from in the cache.
     """
@@ -45,6 +47,10 @@ class CalibrationSet:
         if self.xs.is_floating_point():
             check_finite_inputs(self.xs, "the calibration set",
                                 lambda i: f"entry {i} (step {int(self.steps[i])}, sample {int(self.sample_ids[i])})")
+        bad = getattr(self.labels, "non_finite", lambda: None)()  # recorded conditioning
+        if bad is not None:
+            raise DiffquantError(f"the calibration set's conditioning {bad[0]!r} holds {bad[1]} non-finite values "
+                                 "(NaN/Inf); calibration data must be finite")
 
     def __len__(self) -> int:
         return self.xs.shape[0]

@@ -265,7 +265,7 @@ def freeze(qmodel: QuantModel, *, float_dtype: str = "float32") -> PackedModel:
         },
         "quantization": {
             "recipe": qmodel.recipe,
-            "config": to_dict(qmodel.config),
+            "config": to_dict(qmodel.quant_config),
             "plan": qmodel.plan.to_dict(),
             "timestep_index": qmodel.timestep_index.to_dict(),
             "quantizers": {n: {a: v for a, v in q.describe().items() if a in QUANTIZER_ATTRS + VARIANT_ATTRS}

@@ -275,10 +275,10 @@ class DMQOfficialConfig(DMQConfig):
 
 # ---------------------------------------------------------------------- model preparation
 def _check_wrapping(qmodel: QuantModel, config: DMQConfig) -> None:
-    expected = config.wrap_config(dataclasses.replace(qmodel.config))
+    expected = config.wrap_config(dataclasses.replace(qmodel.quant_config))
     fields = ("split", "attn_matmul", "weight_init", "act_init", "act_grid", "weight_grid", "time_embedding",
               "quantize_acts", "rules")
-    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.config, f)]
+    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.quant_config, f)]
     if differ:
         warnings.warn(
             f"the model was wrapped with other {', '.join(differ)} than this DMQ config asks for; "
@@ -531,7 +531,7 @@ def run_dmq(
     if calib_set is None:
         raise ConfigError("DMQ needs the calibration set (its timesteps key the per-step tables): pass calib_set=")
     _check_wrapping(qmodel, config)
-    quant = qmodel.config
+    quant = qmodel.quant_config
     for p in qmodel.parameters():  # only what a stage trains gets gradients
         p.requires_grad_(False)
 

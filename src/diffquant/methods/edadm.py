@@ -339,10 +339,10 @@ def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: 
 
 
 def _check_wrapping(qmodel: QuantModel, config: EDADMConfig) -> None:
-    expected = config.wrap_config(dataclasses.replace(qmodel.config))
+    expected = config.wrap_config(dataclasses.replace(qmodel.quant_config))
     fields = ("split", "softmax_bits", "attn_matmul", "weight_init", "act_init", "act_grid", "weight_grid",
               "quantize_acts")
-    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.config, f)]
+    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.quant_config, f)]
     if differ:
         warnings.warn(
             f"the model was wrapped with other {', '.join(differ)} than this EDA-DM config asks for; "
@@ -394,7 +394,7 @@ def run_edadm(
     if calib_set is None and config.iters > 0:
         raise ConfigError("EDA-DM reconstruction needs the calibration set: pass calib_set=")
     _check_wrapping(qmodel, config)
-    quant = qmodel.config
+    quant = qmodel.quant_config
     for p in qmodel.parameters():  # only what a pass trains gets gradients
         p.requires_grad_(False)
     apply_eight_bit_rule(qmodel, config.eight_bit)

@@ -260,7 +260,7 @@ def run_mpqdm(
             ``mpqdm_records.json``.
     """
     config = config or MPQDMConfig()
-    quant = qmodel.config
+    quant = qmodel.quant_config
     if bundle is not None:
         fp_model = bundle.unet if fp_model is None else fp_model
         call = call or bundle.predict_noise

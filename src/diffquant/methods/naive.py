@@ -37,11 +37,11 @@ def run_naive(qmodel: QuantModel, forward_loop: ForwardLoop | None, config: Naiv
     """Calibrate ``qmodel`` in place: weights, then activation ranges from ``forward_loop``."""
     config = config or NaiveConfig()
     init_weight_quantizers(qmodel)
-    if qmodel.config.quantize_acts and qmodel.quantizers("act"):
+    if qmodel.quant_config.quantize_acts and qmodel.quantizers("act"):
         if forward_loop is None:
             raise ConfigError("activation quantization needs calibration data: pass a forward_loop")
         observe_activations(qmodel, forward_loop)
-    qmodel.set_quant_state(weights=qmodel.config.quantize_weights, acts=qmodel.config.quantize_acts)
+    qmodel.set_quant_state(weights=qmodel.quant_config.quantize_weights, acts=qmodel.quant_config.quantize_acts)
     qmodel.recipe = "naive"
     qmodel.recipe_config = config
     qmodel.eval()

@@ -227,9 +227,9 @@ class QDiffusionOfficialConfig(QDiffusionConfig):
 
 # ---------------------------------------------------------------------- stages
 def _check_wrapping(qmodel: QuantModel, config: QDiffusionConfig) -> None:
-    expected = config.wrap_config(dataclasses.replace(qmodel.config))
+    expected = config.wrap_config(dataclasses.replace(qmodel.quant_config))
     fields = ("split", "softmax_bits", "attn_matmul", "weight_init", "act_init", "act_grid", "quantize_acts")
-    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.config, f)]
+    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.quant_config, f)]
     if differ:
         warnings.warn(
             f"the model was wrapped with other {', '.join(differ)} than this Q-Diffusion config asks for; "
@@ -317,7 +317,7 @@ def run_qdiffusion(
     """
     config = config or QDiffusionConfig()
     _check_wrapping(qmodel, config)
-    quant = qmodel.config
+    quant = qmodel.quant_config
     reconstructs = quant.quantize_weights and config.weight_recon or quant.quantize_acts and config.act_recon
     if calib_set is None and reconstructs:
         raise ConfigError("Q-Diffusion reconstruction needs the calibration set: pass calib_set=")

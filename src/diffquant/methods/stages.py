@@ -73,7 +73,8 @@ def recipe_fingerprint(qmodel, config, calib_set=None, **extra) -> str:
             "xs": float(calib_set.xs.double().sum()),
             "xs_abs": float(calib_set.xs.double().abs().sum()),
             "ts": calib_set.ts.tolist(),
-            "labels": None if calib_set.labels is None else calib_set.labels.tolist(),
+            "labels": None if calib_set.labels is None else (
+                calib_set.labels.fingerprint() if hasattr(calib_set.labels, "fingerprint") else calib_set.labels.tolist()),
         }
     return fingerprint_of({"recipe": config.recipe_name, "config": config, "plan": qmodel.plan.to_dict(),
-                           "quant": qmodel.config, "data": data, **extra})
+                           "quant": qmodel.quant_config, "data": data, **extra})

@@ -53,7 +53,7 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
         "diffquant_version": __version__,
         "recipe": qmodel.recipe,
         "recipe_config": to_dict(qmodel.recipe_config),
-        "config": to_dict(qmodel.config),
+        "config": to_dict(qmodel.quant_config),
         "plan": qmodel.plan.to_dict(),
         "timestep_index": qmodel.timestep_index.to_dict(),
         "model": {
@@ -78,7 +78,7 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
         "extra": extra or {},
     }
     write_json(out / MANIFEST_FILE, manifest, indent=1)
-    save_yaml(qmodel.config, out / "config.yaml")
+    save_yaml(qmodel.quant_config, out / "config.yaml")
     return out
 
 

@@ -1,8 +1,11 @@
 """The quantized model: the user's model with layers swapped, plus the quantization plan.
 
-``QuantModel`` is called exactly like the wrapped model. Before each call it looks up the
-timestep argument in the calibrated schedule (per-timestep tables, METHODS.md §1.7), so every
-quantizer with a table reads the row of *this* timestep — no call counter.
+``QuantModel`` is called exactly like the wrapped model and passes the wrapped model's attributes
+(``config``, ``dtype``, ``device``, ...) through, so it drops into a diffusers pipeline; its own
+quantization settings are ``quant_config``. Before each call the wrapped model's forward pre-hook
+looks up the timestep argument in the calibrated schedule (per-timestep tables, METHODS.md §1.7),
+so every quantizer with a table reads the row of *this* timestep — no call counter — whether
+the call comes through ``QuantModel`` or straight to ``qmodel.denoiser`` from a pipeline.
 """
 from __future__ import annotations
 
@@ -15,25 +18,15 @@ from ..config import QuantConfig
 from ..nn.attention import QuantAttnProcessor
 from ..nn.layers import QuantLayer
 from ..quant.quantizer import UniformQuantizer
-from ..quant.timestep import TimestepIndex
+from ..quant.timestep import TimestepIndex, install_timestep_hook
 from .plan import UnitPlan, WrapPlan
-
-
-def extract_timestep(args: tuple, kwargs: dict):
-    """The timestep argument of a denoiser call: ``timestep=``/``t=`` or the 2nd positional."""
-    for key in ("timestep", "timesteps", "t"):
-        if key in kwargs:
-            return kwargs[key]
-    if len(args) > 1:
-        return args[1]
-    return None
 
 
 class QuantModel(nn.Module):
     def __init__(self, model: nn.Module, config: QuantConfig, plan: WrapPlan, float_keys: list[str]):
         super().__init__()
         self.model = model
-        self.config = config
+        self.quant_config = config
         self.plan = plan
         self.timestep_index = TimestepIndex(plan.timesteps, config.timestep_lookup)
         #: state-dict keys of the float model (saved separately from the quantizer state)
@@ -42,22 +35,26 @@ class QuantModel(nn.Module):
         self.recipe_config: dict = {}
         for q in self.quantizers().values():
             q.timestep_index = self.timestep_index
+        install_timestep_hook(model, self.timestep_index)
 
     # ------------------------------------------------------------------ calling
     def forward(self, *args, **kwargs):
-        if self.timestep_index.timesteps:
-            t = extract_timestep(args, kwargs)
-            if t is None:
-                raise TypeError("per-timestep quantization needs the timestep argument of the denoiser")
-            self.timestep_index.select(t)
+        # the wrapped model's own pre-hook selects the per-timestep row (see install_timestep_hook)
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # let pipelines read e.g. ``unet.config`` / ``unet.dtype`` of the wrapped model
+            # drop-in: pipelines read the denoiser's own ``config``, ``dtype``, ``device``, ...
             return getattr(self._modules["model"], name)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The user's own model object with the quantized layers swapped in: an instance of its
+        original class (``UNet2DConditionModel``, ...), so ``Pipeline.from_pretrained(path,
+        unet=qmodel.denoiser)`` accepts it; it selects per-timestep rows itself."""
+        return self.model
 
     # ------------------------------------------------------------------ access
     def layers(self) -> dict[str, QuantLayer]:

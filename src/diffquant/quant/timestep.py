@@ -11,7 +11,7 @@ import math
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError, DiffquantError
 
@@ -73,12 +73,50 @@ class TimestepIndex:
         self.index = self.index_of(t)
         return self.index
 
+    def select_from_call(self, module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the quantized denoiser: pick the row of this call's timestep.
+
+        Installed on the user's model itself, so the right row is read however the model is
+        called: through :class:`QuantModel`, directly, or from inside a diffusers pipeline."""
+        if not self.timesteps:
+            return None
+        t = extract_timestep(args, kwargs)
+        if t is None:
+            raise DiffquantError("per-timestep quantization needs the timestep argument of the denoiser "
+                                 "(timestep=, t= or the second positional argument)")
+        self.select(t)
+        return None
+
     def to_dict(self) -> dict:
         return {"timesteps": list(self.timesteps), "lookup": self.lookup}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TimestepIndex":
         return cls(data.get("timesteps") or None, data.get("lookup", "exact"))
+
+
+def extract_timestep(args: tuple, kwargs: dict):
+    """The timestep argument of a denoiser call: ``timestep=``/``t=`` or the 2nd positional."""
+    for key in ("timestep", "timesteps", "t"):
+        if key in kwargs:
+            return kwargs[key]
+    if len(args) > 1:
+        return args[1]
+    return None
+
+
+def install_timestep_hook(model: nn.Module, index: TimestepIndex) -> None:
+    """Make ``model`` select ``index``'s row from its own timestep argument on every call."""
+    remove_timestep_hooks(model)
+    model.register_forward_pre_hook(index.select_from_call, with_kwargs=True)
+
+
+def remove_timestep_hooks(model: nn.Module) -> None:
+    """Remove the hooks :func:`install_timestep_hook` put on ``model`` (e.g. on an export copy)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(getattr(hook, "__self__", None), TimestepIndex):
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def as_timestep_tensor(t, device=None) -> Tensor:

@@ -448,8 +448,8 @@ def les_layers(qmodel: QuantModel) -> list[str]:
         layer = layers[lp.name]
         if layer.op_args.get("groups", 1) != 1:
             continue
-        w = any(q.active for q in layer.weight_quantizers) and qmodel.config.quantize_weights
-        a = lp.quantize_input and any(q.active for q in layer.act_quantizers) and qmodel.config.quantize_acts
+        w = any(q.active for q in layer.weight_quantizers) and qmodel.quant_config.quantize_weights
+        a = lp.quantize_input and any(q.active for q in layer.act_quantizers) and qmodel.quant_config.quantize_acts
         if w or a:
             out.append(lp.name)
     return out
@@ -496,7 +496,7 @@ def _run_block_les(qmodel: QuantModel, data: CalibrationCalls, buckets: Tensor, 
     done = progress.finished_units(PASS_NAME, unit_names) if progress is not None else 0
     records = [UnitRecord(**r) for r in progress.records(PASS_NAME)[:done]] if progress is not None else []
     wanted = set(names)
-    quant = qmodel.config
+    quant = qmodel.quant_config
     qmodel.eval()
     bar = tqdm(total=len(units), initial=done, desc="LES (blocks)", disable=not options.progress, leave=False)
     try:
@@ -540,7 +540,7 @@ def run_les(qmodel: QuantModel, data: CalibrationCalls, buckets: Tensor, num_buc
         return _run_block_les(qmodel, data, buckets, num_buckets, options, names, fp_model, progress)
     done = progress.finished_units(PASS_NAME, names) if progress is not None else 0
     records = [UnitRecord(**r) for r in progress.records(PASS_NAME)[:done]] if progress is not None else []
-    quant = qmodel.config
+    quant = qmodel.quant_config
     all_layers = qmodel.layers()
     position = {n: i for i, n in enumerate(names)}
     bar = tqdm(total=len(names), initial=done, desc="LES", disable=not options.progress, leave=False)

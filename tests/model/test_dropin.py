@@ -1,0 +1,138 @@
+"""The quantized denoiser drops into real diffusers pipelines (Stable-Diffusion-style, DiT, DDIM):
+assigned, passed to ``from_pretrained``, run end to end, saved and reloaded bit-identically, and
+per-timestep rows selected by the model itself whoever calls it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffquant
+from diffquant import QuantConfig
+from diffquant.methods import DMQConfig, QDiffusionConfig
+from diffquant.quant.timestep import remove_timestep_hooks
+
+from tiny_pipelines import tiny_ddim_pipeline, tiny_dit_pipeline, tiny_sd_pipeline
+
+STEPS = 3
+
+
+def sd_setup(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path)
+    capture = dict(prompts=["a cat", "a red apple"], num_inference_steps=STEPS, height=16, width=16,
+                   output_type="latent")
+    run = dict(prompt=["a dog on a beach"], num_inference_steps=STEPS, height=16, width=16, output_type="np")
+    return pipe, "unet", capture, run
+
+
+def dit_setup(tmp_path):
+    return (tiny_dit_pipeline(), "transformer", dict(calls=[{"class_labels": [1, 2]}], num_inference_steps=STEPS,
+                                                     output_type="np"),
+            dict(class_labels=[3, 4], num_inference_steps=STEPS, output_type="np"))
+
+
+def ddim_setup(tmp_path):
+    return (tiny_ddim_pipeline(), "unet", dict(calls=[{"batch_size": 2}], num_inference_steps=STEPS, output_type="np"),
+            dict(batch_size=2, num_inference_steps=STEPS, output_type="np"))
+
+
+SETUPS = {"sd": sd_setup, "dit": dit_setup, "ddim": ddim_setup}
+RECIPES = {
+    "naive": None,
+    "qdiffusion": QDiffusionConfig(iters_w=2, iters_a=2, batch_size=2, cali_st=1, cali_n=2, act_init_n=2),
+    "dmq": DMQConfig(les_iters=2, iters_w=2, batch_size=2),
+}
+
+
+def images(pipe, run):
+    return pipe(**run, generator=torch.Generator().manual_seed(5)).images
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("kind", list(SETUPS))
+def test_quantized_denoiser_runs_inside_the_pipeline(kind, recipe, tmp_path):
+    pipe, attr, capture, run = SETUPS[kind](tmp_path)
+    float_model = getattr(pipe, attr)
+    reference = images(pipe, run)
+    calib = diffquant.capture_pipeline(pipe, progress=False, **capture)
+    qmodel = diffquant.apply_recipe(float_model, calib, recipe, QuantConfig(weight_bits=4, act_bits=8),
+                                    recipe_config=RECIPES[recipe])
+    # the denoiser's own attributes pass through; the quantizer settings live under another name
+    assert qmodel.config == float_model.config and qmodel.dtype == float_model.dtype
+    assert qmodel.device == float_model.device and qmodel.quant_config.weight_bits == 4
+    assert isinstance(qmodel.denoiser, type(float_model))
+    setattr(pipe, attr, qmodel)
+    quantized = images(pipe, run)
+    setattr(pipe, attr, qmodel.denoiser)  # the bare denoiser object works just the same
+    assert (images(pipe, run) == quantized).all()
+    assert quantized.shape == reference.shape and (quantized != reference).any()
+    # W4A8 of a tiny random model stays near the float images
+    assert float(abs(quantized - reference).mean()) < 0.25
+    from diffquant.nn.layers import QuantLayer
+
+    assert not any(isinstance(m, QuantLayer) for m in float_model.modules())  # the float model stays float
+
+
+def test_from_pretrained_accepts_the_quantized_denoiser(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe, attr, capture, run = sd_setup(tmp_path)
+    pipe.save_pretrained(tmp_path / "float")
+    qmodel = diffquant.apply_recipe(pipe.unet, diffquant.capture_pipeline(pipe, progress=False, **capture), "naive",
+                                    QuantConfig(weight_bits=4))
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "float", unet=qmodel.denoiser,
+                                                       safety_checker=None, requires_safety_checker=False)
+    assert reloaded.unet is qmodel.denoiser
+    pipe.unet = qmodel
+    assert (images(reloaded, run) == images(pipe, run)).all()
+
+
+def test_per_timestep_rows_are_chosen_by_the_model_under_any_caller(tmp_path):
+    pipe, attr, capture, run = ddim_setup(tmp_path)
+    calib = diffquant.capture_pipeline(pipe, progress=False, **capture)
+    qmodel = diffquant.apply_recipe(pipe.unet, calib, "dmq", QuantConfig(weight_bits=4, act_bits=8),
+                                    recipe_config=RECIPES["dmq"])
+    assert qmodel.timestep_index.num_steps == STEPS  # one activation row per calibrated step
+    pipe.unet = qmodel
+    through_wrapper = images(pipe, run)
+    pipe.unet = qmodel.denoiser
+    assert (images(pipe, run) == through_wrapper).all()
+    # the rows really differ: without the model's own hook a stale row is read
+    remove_timestep_hooks(qmodel.denoiser)
+    qmodel.timestep_index.index = 0
+    assert (images(pipe, run) != through_wrapper).any()
+
+
+def test_save_pipeline_keeps_the_quantization_and_reloads_bit_identically(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe, attr, capture, run = sd_setup(tmp_path)
+    calib = diffquant.capture_pipeline(pipe, progress=False, **capture)
+    pipe.unet = diffquant.apply_recipe(pipe.unet, calib, "qdiffusion", QuantConfig(weight_bits=4),
+                                       recipe_config=RECIPES["qdiffusion"])
+    before = images(pipe, run)
+    diffquant.save_pipeline(pipe, tmp_path / "saved")
+    assert isinstance(pipe.unet, diffquant.QuantModel)  # the caller's pipeline is left as it was
+    assert (tmp_path / "saved" / "unet" / "diffquant" / "manifest.json").is_file()
+    reloaded = diffquant.load_pipeline(StableDiffusionPipeline, tmp_path / "saved", safety_checker=None,
+                                       requires_safety_checker=False)
+    assert isinstance(reloaded.unet, diffquant.QuantModel) and reloaded.unet.recipe == "qdiffusion"
+    assert (images(reloaded, run) == before).all()
+    # the folder is still a plain diffusers pipeline (float) for anyone without diffquant
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None,
+                                                    requires_safety_checker=False)
+    assert type(plain.unet).__name__ == "UNet2DConditionModel"
+
+
+def test_save_pipeline_refuses_a_bare_quantized_denoiser(tmp_path):
+    pipe, attr, capture, run = ddim_setup(tmp_path)
+    qmodel = diffquant.apply_recipe(pipe.unet, diffquant.capture_pipeline(pipe, progress=False, **capture), "naive")
+    pipe.unet = qmodel.denoiser
+    with pytest.raises(diffquant.DiffquantError, match="pipe.unet = qmodel"):
+        diffquant.save_pipeline(pipe, tmp_path / "x")
+
+
+def test_mpqdm_from_a_pipeline_capture_is_refused_in_one_line(tmp_path):
+    pipe, attr, capture, run = ddim_setup(tmp_path)
+    calib = diffquant.capture_pipeline(pipe, progress=False, **capture)
+    with pytest.raises(diffquant.ConfigError, match="DiffusionBundle"):
+        diffquant.apply_recipe(pipe.unet, calib, "mpqdm")
