@@ -17,15 +17,18 @@ __version__ = "0.1.0"
 
 from .config import LayerRule, QuantConfig, load_yaml, save_yaml  # noqa: E402
 from .errors import CheckpointError, ConfigError, DiffquantError  # noqa: E402
-from .methods import RECIPES, NaiveConfig, run_naive  # noqa: E402
+from .methods import (  # noqa: E402
+    RECIPES, DMQConfig, EDADMConfig, EfficientDMConfig, MPQDMConfig, NaiveConfig, QDiffusionConfig, run_naive,
+)
 from .model import QuantModel, load, load_pipeline, quantize, save, save_pipeline  # noqa: E402
 from .calib.conditioning import Conditioning, conditioned_call  # noqa: E402
-from .calib.pipeline_capture import PipelineCalibration, capture_pipeline, read_prompts  # noqa: E402
+from .calib.pipeline_capture import PipelineCalibration, capture_pipeline, read_prompts, record_calls  # noqa: E402
 from .pipeline import apply_recipe  # noqa: E402
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Conditioning", "DiffquantError", "LayerRule", "NaiveConfig",
+    "CheckpointError", "ConfigError", "Conditioning", "DMQConfig", "DiffquantError", "EDADMConfig",
+    "EfficientDMConfig", "LayerRule", "MPQDMConfig", "NaiveConfig", "QDiffusionConfig",
     "PipelineCalibration", "QuantConfig", "QuantModel", "RECIPES", "apply_recipe", "capture_pipeline",
-    "conditioned_call", "load", "load_pipeline", "load_yaml", "quantize", "read_prompts", "run_naive", "save",
+    "conditioned_call", "load", "load_pipeline", "load_yaml", "quantize", "read_prompts", "record_calls", "run_naive", "save",
     "save_pipeline", "save_yaml",
 ]

@@ -58,12 +58,26 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--calib-n", type=_positive, default=64, help="calibration trajectories")
     p.add_argument("--calib-steps", type=_positive, default=50, help="sampler steps of the calibration trajectories")
     p.add_argument("--calib-every", type=_positive, default=5, help="use every k-th step (uniform selection)")
+    p.add_argument("--prompts", default=None,
+                   help="text-to-image pipeline folders: calibration prompts, one per line (default: the shipped set)")
+    p.add_argument("--classes", type=_class_list, default=None,
+                   help="class-conditional pipeline folders (DiT): calibration class labels, e.g. 1,2,3")
+    p.add_argument("--guidance", type=_finite_float, default=None,
+                   help="guidance scale of the calibration runs (default: the model's / the pipeline's own)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=_run_quantize)
 
 
 def _run_quantize(args) -> int:
     from .pipeline import CalibConfig, quantize_model
+    from .pipeline_folders import pipeline_folder_or_none
+
+    folder = pipeline_folder_or_none(args.model)
+    if folder is not None:
+        return _quantize_pipeline_folder(args, folder)
+    if args.prompts is not None or args.classes is not None:
+        raise DiffquantError("--prompts / --classes apply to full diffusers pipeline folders (text encoder, "
+                             "VAE or transformer); this model is sampled by diffquant's own sampler")
 
     result = quantize_model(
         model=args.model, recipe=args.recipe, wbits=args.wbits, abits=args.abits, config_path=args.config,
@@ -74,6 +88,37 @@ def _run_quantize(args) -> int:
     print(result.summary)
     print(f"saved to {result.path}")
     return 0
+
+
+def _quantize_pipeline_folder(args, folder) -> int:
+    from .fsutil import check_writable_dir
+    from .pipeline import build_quant_config, resolve_recipe
+    from .pipeline_folders import quantize_pipeline_folder
+
+    name, recipe_config = resolve_recipe(args.recipe, args.recipe_config)
+    quant = build_quant_config(args.wbits, args.abits, args.config, args.split)
+    check_writable_dir(args.out)
+    qmodel, component, rows = quantize_pipeline_folder(
+        folder, recipe=name, recipe_config=recipe_config, quant=quant, n=args.calib_n, steps=args.calib_steps,
+        every=args.calib_every, prompts=args.prompts, classes=args.classes, guidance=args.guidance, out=args.out,
+        device=args.device)
+    print(qmodel.summary())
+    print(f"calibrated pipe.{component} on {rows} recorded denoiser inputs; quantized pipeline saved to {args.out} "
+          f"(sample it with: diffquant sample --model {args.out})")
+    return 0
+
+
+def _class_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+    from .diffusion.sample_cli import finite_float
+
+    return finite_float(text)
 
 
 def add_main_parser(sub) -> None:
@@ -100,6 +145,22 @@ def _run_main(args) -> int:
 
 def _run_sample(args) -> int:
     from .diffusion.sample_cli import run_sample
+    from .pipeline_folders import pipeline_folder_or_none, sample_pipeline_folder
+
+    folder = pipeline_folder_or_none(args.quantized or args.model)
+    if folder is not None:  # a full diffusers pipeline, quantized or float: run through diffusers
+        if args.backend != "fake":
+            raise DiffquantError("--backend int8 applies to diffquant's own sampler, not to pipeline folders")
+        from .fsutil import check_writable_dir
+
+        check_writable_dir(args.out)
+        paths = sample_pipeline_folder(folder, n=args.n, steps=args.steps, guidance=args.guidance,
+                                       prompts=args.prompts, classes=args.classes, seed=args.seed,
+                                       batch_size=args.batch_size, out=args.out, device=args.device)
+        print(f"wrote {args.n} samples to {paths['npz']}")
+        return 0
+    if args.prompts is not None:
+        raise DiffquantError("--prompts applies to text-to-image pipeline folders")
 
     if args.compile and args.backend != "int8":
         raise DiffquantError("--compile applies to --backend int8")

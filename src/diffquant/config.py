@@ -207,7 +207,7 @@ class LayerRule:
 
     ``weight_bits`` / ``act_bits``: new bit-widths (16 or 32 keep that side in full precision);
     ``quantize_input=False`` leaves the layer's input unquantized; ``skip`` leaves the layer
-    unwrapped altogether.
+    unwrapped altogether. A glob that matches no layer is a one-line warning.
     """
 
     pattern: str

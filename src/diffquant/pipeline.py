@@ -200,6 +200,16 @@ def parse_recipe_spec(spec: str):
     return name, config
 
 
+def resolve_recipe(recipe: str, config_path: str | None = None):
+    """``--recipe`` (a name or a ``NAME:key=value,...`` spec) plus ``--recipe-config`` → (name, config)."""
+    head, colon, overrides = recipe.partition(":")
+    if config_path:
+        if "@" in head:
+            raise ConfigError("give the recipe's YAML file either as NAME@file.yaml or with --recipe-config, not both")
+        head = f"{head}@{config_path}"
+    return parse_recipe_spec(head + (colon + overrides if colon else ""))
+
+
 def load_recipe_config(recipe: str, path: str | None):
     """The recipe's config dataclass, from a YAML file when given (unknown keys are an error)."""
     if recipe not in RECIPES:
@@ -218,7 +228,7 @@ def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_pa
     from .zoo.registry import load_model
 
     # every argument is checked before any work: configs, the output folder, the work dir
-    recipe_config = load_recipe_config(recipe, recipe_config_path)
+    recipe, recipe_config = resolve_recipe(recipe, recipe_config_path)
     if hasattr(recipe_config, "check_calibration"):
         recipe_config.check_calibration(calib.steps)
     quant = build_quant_config(wbits, abits, config_path, split)

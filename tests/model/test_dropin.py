@@ -8,7 +8,7 @@ import torch
 
 import diffquant
 from diffquant import QuantConfig
-from diffquant.methods import DMQConfig, QDiffusionConfig
+from diffquant.methods import DMQConfig, EDADMConfig, QDiffusionConfig
 from diffquant.quant.timestep import remove_timestep_hooks
 
 from tiny_pipelines import tiny_ddim_pipeline, tiny_dit_pipeline, tiny_sd_pipeline
@@ -40,6 +40,7 @@ RECIPES = {
     "naive": None,
     "qdiffusion": QDiffusionConfig(iters_w=2, iters_a=2, batch_size=2, cali_st=1, cali_n=2, act_init_n=2),
     "dmq": DMQConfig(les_iters=2, iters_w=2, batch_size=2),
+    "edadm": EDADMConfig(iters=2, batch_size=2, act_init_n=4),
 }
 
 

@@ -1,6 +1,7 @@
 """trace_model: execution order and concatenation-fed layers, on diffusers and custom models."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -148,3 +149,104 @@ def test_cat_then_norm_is_not_a_split():
     trace = trace_model(CatThenNormThenConv(), (torch.randn(2, 2, 4, 4),), {})
     assert trace.splits == {} and trace.multi_part == {}
     assert list(trace.call_index) == ["a", "norm", "conv", "batch_conv"]
+
+
+# ---------------------------------------------------------------------- structure from the graph
+class _OwnBlock(torch.nn.Module):
+    """A residual block class no name list knows, with its own projection of the condition."""
+
+    def __init__(self, c: int, e: int):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+        self.cond = torch.nn.Linear(e, c)
+
+    def forward(self, x, emb):
+        return x + self.b(torch.relu(self.a(x) + self.cond(emb)[:, :, None, None]))
+
+
+class _UnseenDenoiser(torch.nn.Module):
+    """Prefixed time MLP (``cond_mlp``), own block class, plain stem and head."""
+
+    def __init__(self, c: int = 8, e: int = 16):
+        super().__init__()
+        self.cond_mlp = torch.nn.Sequential(torch.nn.Linear(e, e), torch.nn.SiLU(), torch.nn.Linear(e, e))
+        self.stem, self.head = torch.nn.Conv2d(1, c, 3, padding=1), torch.nn.Conv2d(c, 1, 3, padding=1)
+        self.stage = torch.nn.ModuleList([_OwnBlock(c, e), _OwnBlock(c, e)])
+        self.e = e
+
+    def forward(self, x, t):
+        freqs = torch.exp(-torch.arange(self.e // 2, dtype=torch.float32) / (self.e // 2))
+        angles = t.float()[:, None] * freqs[None]
+        emb = self.cond_mlp(torch.cat([angles.sin(), angles.cos()], dim=1))
+        h = self.stem(x)
+        for block in self.stage:
+            h = block(h, emb)
+        return self.head(h)
+
+
+def _unseen_inputs():
+    return (torch.randn(2, 1, 8, 8), torch.tensor([10, 10])), {}
+
+
+def test_an_unseen_denoiser_gets_blocks_and_time_embedding_from_the_traced_graph():
+    from diffquant.config import QuantConfig
+    from diffquant.model import quantize
+
+    model = _UnseenDenoiser().eval()
+    trace = trace_model(model, *_unseen_inputs())
+    assert trace.residual_blocks == ["stage.0", "stage.1"]
+    assert set(trace.timestep_only_layers()) == {"cond_mlp.0", "cond_mlp.2", "stage.0.cond", "stage.1.cond"}
+    assert trace.input_flow["stem"] == 1  # from x only
+    qmodel = quantize(model, QuantConfig(time_embedding="8bit", weight_bits=4), _unseen_inputs())
+    blocks = [u.name for u in qmodel.plan.units if u.kind == "block"]
+    assert blocks == ["stage.0", "stage.1"] and qmodel.plan.found == {"time_embedding": "structure",
+                                                                      "blocks": "structure"}
+    roles = {lp.name: lp for lp in qmodel.plan.layers}
+    # the shared time MLP gets the role (and its 8-bit rule); the per-block projections stay in their blocks
+    assert {n for n, lp in roles.items() if "time_embedding" in lp.roles} == {"cond_mlp.0", "cond_mlp.2"}
+    assert roles["cond_mlp.0"].weight_bits == 8 and roles["stage.0.cond"].weight_bits == 4
+    # roles for rules, from the data flow: the first x-consuming layer and the blocks' time projections
+    assert "input" in roles["stem"].roles and "input" not in roles["cond_mlp.0"].roles
+    assert {n for n, lp in roles.items() if "time_projection" in lp.roles} == {"stage.0.cond", "stage.1.cond"}
+    assert "from the traced graph" in qmodel.summary()
+
+
+def test_dmq_keeps_the_first_layer_and_time_projections_fp_on_models_without_unet_names(make_dit):
+    from diffquant.config import QuantConfig
+    from diffquant.methods import DMQConfig
+    from diffquant.model import quantize
+
+    dit = make_dit()
+    qmodel = quantize(dit, DMQConfig().wrap_config(QuantConfig(weight_bits=4)))
+    fp = {lp.name for lp in qmodel.plan.layers if lp.weight_bits == 32}
+    assert "pos_embed.proj" in fp  # a DiT's first layer, which the old name list (conv_in) missed
+    unseen = quantize(_UnseenDenoiser().eval(), DMQConfig().wrap_config(QuantConfig(weight_bits=4)), _unseen_inputs())
+    assert {"stem", "stage.0.cond", "stage.1.cond", "head"} <= {lp.name for lp in unseen.plan.layers
+                                                               if lp.weight_bits == 32}
+
+
+def test_names_stay_the_override_and_a_typo_in_a_glob_is_one_warning():
+    from diffquant.config import LayerRule, QuantConfig
+    from diffquant.model import quantize
+
+    config = QuantConfig(time_embedding_patterns=["stage.*.cond"], block_types=["Sequential"],
+                         exclude=["hed"], rules=[LayerRule("stemm", weight_bits=8)])
+    with pytest.warns(UserWarning) as record:
+        qmodel = quantize(_UnseenDenoiser().eval(), config, _unseen_inputs())
+    messages = [str(w.message) for w in record if "matches no layer" in str(w.message)]
+    assert any("exclude pattern 'hed'" in m for m in messages) and any("rules pattern 'stemm'" in m for m in messages)
+    assert qmodel.plan.found == {"time_embedding": "names", "blocks": "names"}
+    assert [u.name for u in qmodel.plan.units if u.kind == "block"] == ["cond_mlp"]
+    assert {lp.name for lp in qmodel.plan.layers if "time_embedding" in lp.roles} == {"stage.0.cond", "stage.1.cond"}
+
+
+def test_zoo_architectures_find_the_same_blocks_by_structure_as_by_name(any_tiny_model):
+    from diffquant.config import DEFAULT_BLOCK_TYPES
+    from diffquant.model.adapters import example_inputs_for
+
+    model = any_tiny_model()
+    trace = trace_model(model, *example_inputs_for(model))
+    named = sorted((n for n, m in model.named_modules() if type(m).__name__ in DEFAULT_BLOCK_TYPES),
+                   key=lambda n: (n.count("."), n))
+    outer = [n for n in named if not any(n.startswith(o + ".") for o in named if o != n)]
+    assert sorted(trace.residual_blocks) == sorted(outer)

@@ -11,12 +11,13 @@ capture serves many recipes. Nothing is downloaded; the pipeline must already be
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -233,17 +234,63 @@ def capture_pipeline(pipe, calls: Iterable[Mapping[str, Any]] | None = None, *,
                                          f"{sorted(kwargs)}: {exc}") from None
     finally:
         handle.remove()
-    kept = [r for r in recorder.records if r[3] % every == 0]
-    if not kept:
+    if not recorder.records:
         raise DiffquantError(f"{type(pipe).__name__} never called its {name}")
+    source = {"pipeline": type(pipe).__name__, "denoiser": name, "calls": len(calls), "every": every,
+              "seed": seed, "settings": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))}}
+    result = _assemble(recorder.records, every, name, source)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _assemble(records, every: int, denoiser: str, source: dict) -> PipelineCalibration:
+    kept = [r for r in records if r[3] % every == 0]
     xs = torch.cat([r[0] for r in kept])
     ts = torch.cat([r[1] for r in kept])
     steps = torch.cat([torch.full((r[0].shape[0],), r[3], dtype=torch.long) for r in kept])
     cond = Conditioning.cat([r[2] for r in kept])
     calib_set = CalibrationSet(xs, ts, cond, steps, torch.arange(xs.shape[0]))
-    source = {"pipeline": type(pipe).__name__, "denoiser": name, "calls": len(calls), "every": every,
-              "seed": seed, "settings": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))}}
-    result = PipelineCalibration(calib_set, name, source)
-    if out is not None:
-        result.save(out)
-    return result
+    return PipelineCalibration(calib_set, denoiser, source)
+
+
+class RecordedCalls:
+    """What :func:`record_calls` saw; :meth:`calibration` turns it into a calibration."""
+
+    def __init__(self, recorder: _CallRecorder, name: str):
+        self._recorder = recorder
+        self._name = name
+
+    def __len__(self) -> int:
+        return len(self._recorder.records)
+
+    def calibration(self, every: int = 1) -> PipelineCalibration:
+        """The recorded calls as a calibration; step k of a call is the rank of its timestep in
+        the recorded schedule (largest t first), so any sampler numbers its steps the same way."""
+        if every < 1:
+            raise DiffquantError(f"every must be >= 1, got {every}")
+        records = self._recorder.records
+        if not records:
+            raise DiffquantError(f"{self._name} was not called inside the record_calls() block")
+        schedule = sorted({float(r[1][0]) for r in records}, reverse=True)
+        ranked = [(x, t, c, schedule.index(float(t[0]))) for x, t, c, _ in records]
+        return _assemble(ranked, every, self._name, {"recorded": self._name, "calls": len(records), "every": every})
+
+
+@contextlib.contextmanager
+def record_calls(denoiser: nn.Module) -> Iterator[RecordedCalls]:
+    """Record every call of ``denoiser`` made inside the block — by your own sampler, a pipeline
+    or any other caller — with all its arguments::
+
+        with torch.no_grad(), diffquant.record_calls(model) as calls:
+            my_sampler(model)
+        qmodel = diffquant.apply_recipe(model, calls.calibration(), "qdiffusion")
+    """
+    if not isinstance(denoiser, nn.Module):
+        raise DiffquantError(f"record_calls() needs a torch.nn.Module, got {type(denoiser).__name__}")
+    recorder = _CallRecorder(denoiser)
+    handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
+    try:
+        yield RecordedCalls(recorder, type(denoiser).__name__)
+    finally:
+        handle.remove()

@@ -67,7 +67,7 @@ def default_feature_layer(model: nn.Module) -> str:
         if name in names:
             return name
     raise ConfigError(f"no TDAC feature layer found in {type(model).__name__} (tried {', '.join(FEATURE_LAYERS)}); "
-                      "set the feature layer explicitly")
+                      "set EDADMConfig.tdac_feature_layer (recipe option tdac_feature_layer=MODULE_NAME)")
 
 
 def feature_hooks(model: nn.Module, layer: str = "auto") -> dict[str, nn.Module]:

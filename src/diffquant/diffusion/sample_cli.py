@@ -39,7 +39,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     parser.add_argument("--eta", type=finite_float, default=0.0, help="DDIM η (0 = deterministic)")
-    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=finite_float, default=None,
+                        help="classifier-free guidance scale (default 1 = none; full pipelines: their own default)")
+    parser.add_argument("--prompts", default=None,
+                        help="text-to-image pipeline folders: a .txt file with one prompt per line (default: the "
+                             "shipped prompt set)")
     parser.add_argument("--classes", type=_class_list, default=None,
                         help="comma-separated class labels, cycled over the samples")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,7 +74,8 @@ def run_sample(args: argparse.Namespace, prepare=None) -> int:
         if prepare is not None:
             bundle = prepare(bundle)
         result = sample(bundle, args.n, seed=args.seed, start_index=args.start_index,
-                        scheduler=args.scheduler, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                        scheduler=args.scheduler, steps=args.steps, eta=args.eta,
+                        guidance=1.0 if args.guidance is None else args.guidance,
                         classes=args.classes, batch_size=args.batch_size, device=device,
                         progress=not args.no_progress)
         if info.is_main:

@@ -79,7 +79,10 @@ PTS_MODES = ("off",) + PTS_SELECTIONS
 #: ``nin_shortcut``, mnist-resunet ``residual_conv``
 DEFAULT_PTS_LAYERS = ["*shortcut*", "*skip*", "*residual_conv*"]
 #: ResBlock embedding projections (diffusers, CompVis, DDIM, mnist-resunet) and conv_in by name
-DEFAULT_FP_LAYERS = ["conv_in", "*time_emb_proj", "*emb_layers.*", "*temb_proj", "*time_layer"]
+#: DMQ keeps the first layer and the ResBlocks' time-embedding projections in FP: found from the
+#: traced graph (``@input``: conv_in of a UNet, a DiT's patch embedding, any model's first
+#: x-consuming layer; ``@time_projection``: time_emb_proj / emb_layers / temb_proj / ...)
+DEFAULT_FP_LAYERS = ["@input", "@time_projection"]
 
 
 def _globs(name: str, value, named: dict[str, list[str]]) -> list[str]:

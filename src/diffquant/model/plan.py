@@ -52,6 +52,9 @@ class WrapPlan:
     units: list[UnitPlan]
     #: calibrated schedule for per-timestep activation tables (None = one shared set)
     timesteps: list[int] | None = None
+    #: how each role was found: blocks / time_embedding -> "names" (the config's globs or class
+    #: names) or "structure" (the traced data flow and residual additions)
+    found: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +103,10 @@ def make_plan(
     called = [n for n in candidates if n in order]
     first = called[0] if called else None
     last = called[-1] if called else None
+    _warn_unmatched(config, [n for n, m in modules.items() if n and isinstance(m, SUPPORTED)])
+    found: dict[str, str] = {}
+    time_layers = time_embedding_layers(config, candidates, trace, modules, found)
+    structural = structural_roles(trace, called)
 
     layers: list[LayerPlan] = []
     for name in candidates:
@@ -112,7 +119,8 @@ def make_plan(
             roles.append("first" if name == first else "last")
             w_bits = _bits_for_mode(config.first_last, w_bits)
             a_bits = _bits_for_mode(config.first_last, a_bits)
-        if _matches(name, config.time_embedding_patterns):
+        roles += [role for role, names in structural.items() if name in names]
+        if name in time_layers:
             roles.append("time_embedding")
             w_bits = _bits_for_mode(config.time_embedding, w_bits)
             a_bits = _bits_for_mode(config.time_embedding, a_bits)
@@ -141,12 +149,58 @@ def make_plan(
         ]
         attention.sort(key=lambda n: (order.get(n, big), n))
 
-    units = make_units(modules, config.block_types, [lp.name for lp in layers], attention, order)
-    return WrapPlan(layers=layers, attention=attention, units=units, timesteps=timesteps)
+    block_names = [n for n, m in modules.items() if n and type(m).__name__ in config.block_types]
+    found["blocks"] = "names"
+    if not block_names and trace.residual_blocks:
+        block_names, found["blocks"] = list(trace.residual_blocks), "structure"
+    units = make_units(modules, block_names, [lp.name for lp in layers], attention, order)
+    return WrapPlan(layers=layers, attention=attention, units=units, timesteps=timesteps, found=found)
+
+
+def structural_roles(trace: TraceResult, called: list[str]) -> dict[str, set[str]]:
+    """Roles read off the traced data flow, for rules (``@input``, ``@time_projection``):
+    ``input`` is the first executed layer whose input is computed from the sample x (conv_in of a
+    UNet, the patch embedding of a DiT); ``time_projection`` are the layers inside residual blocks
+    whose input comes from the timestep alone (a ResBlock's projection of the time embedding)."""
+    if not trace.input_flow:
+        return {}
+    from .trace import FROM_X
+
+    first = next((n for n in called if trace.input_flow.get(n, 0) & FROM_X), None)
+    inside = lambda n: any(n.startswith(b + ".") for b in trace.residual_blocks)  # noqa: E731
+    return {"input": {first} if first else set(),
+            "time_projection": {n for n in trace.timestep_only_layers() if inside(n)}}
+
+
+def time_embedding_layers(config: QuantConfig, candidates: list[str], trace: TraceResult,
+                          modules: dict[str, nn.Module], found: dict[str, str]) -> set[str]:
+    """The time-embedding MLP: layers matching ``time_embedding_patterns``; where none does, the
+    layers whose input is computed from the timestep alone and that lie outside every residual
+    block (per-block projections of the embedding are part of their block)."""
+    named = {n for n in candidates if _matches(n, config.time_embedding_patterns)}
+    if named or not trace.input_flow:
+        found["time_embedding"] = "names" if named else "none"
+        return named
+    inside = lambda n: any(n.startswith(b + ".") for b in trace.residual_blocks)  # noqa: E731
+    structural = {n for n in trace.timestep_only_layers() if n in candidates and not inside(n)}
+    found["time_embedding"] = "structure" if structural else "none"
+    return structural
+
+
+def _warn_unmatched(config: QuantConfig, layer_names: list[str]) -> None:
+    """One line for every include / exclude / rule glob that matches no layer (a typo does nothing)."""
+    import warnings
+
+    for option, patterns in (("include", config.include), ("exclude", config.exclude),
+                             ("rules", [r.pattern for r in config.rules if not r.pattern.startswith("@")])):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in layer_names):
+                warnings.warn(f"QuantConfig.{option} pattern {pattern!r} matches no layer of this model", stacklevel=4)
 
 
 def _rule_applies(pattern: str, name: str, roles: list[str]) -> bool:
-    """A rule pattern is a name glob, or ``@role`` (``@first``, ``@last``, ``@time_embedding``)."""
+    """A rule pattern is a name glob, or ``@role``: ``@first``, ``@last`` (execution order),
+    ``@time_embedding``, ``@input``, ``@time_projection`` (see :func:`structural_roles`)."""
     if pattern.startswith("@"):
         return pattern[1:] in roles
     return fnmatch.fnmatchcase(name, pattern)
@@ -154,18 +208,15 @@ def _rule_applies(pattern: str, name: str, roles: list[str]) -> bool:
 
 def make_units(
     modules: dict[str, nn.Module],
-    block_types: list[str],
+    block_names: list[str],
     layer_names: list[str],
     attention: list[str],
     order: dict[str, int],
 ) -> list[UnitPlan]:
-    """Outermost blocks of ``block_types`` holding quantized layers, plus leftover layers,
+    """Outermost of the blocks ``block_names`` holding quantized layers, plus leftover layers,
     sorted by first call in the traced forward (execution order)."""
     big = len(order) + 1
-    blocks = sorted(
-        (n for n, m in modules.items() if n and type(m).__name__ in block_types),
-        key=lambda n: (n.count("."), n),
-    )
+    blocks = sorted(block_names, key=lambda n: (n.count("."), n))
     outer: list[str] = []
     for name in blocks:
         if not any(name.startswith(o + ".") for o in outer):

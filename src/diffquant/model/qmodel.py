@@ -128,8 +128,11 @@ class QuantModel(nn.Module):
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_units = len(self.plan.units)
         n_blocks = sum(u.kind == "block" for u in self.plan.units)
+        found = self.plan.found or {}
+        how = {"names": "by name", "structure": "from the traced graph", "none": "none found"}
+        detail = "; ".join(f"{role.replace('_', ' ')} {how.get(v, v)}" for role, v in found.items())
         lines.append(f"{len(self.plan.layers)} quantized layers, {len(self.plan.attention)} attention modules, "
-                     f"{n_units} reconstruction units ({n_blocks} blocks)")
+                     f"{n_units} reconstruction units ({n_blocks} blocks)" + (f"; {detail}" if detail else ""))
         return "\n".join(lines)
 
     def clear_weight_cache(self) -> None:

@@ -267,6 +267,11 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
         raise DiffquantError(f"{folder}: expected a diffusers model folder (config.json + weights)")
 
     if (folder / "model_index.json").is_file():
+        from diffquant.pipeline_folders import is_full_pipeline
+
+        if is_full_pipeline(folder):
+            raise DiffquantError(f"{folder} is a full diffusers pipeline (text encoder, VAE or transformer): "
+                                 "`quantize` and `sample` run it through diffusers; this command does not yet")
         unet_dir, sched_file = folder / "unet", folder / "scheduler" / "scheduler_config.json"
         if not (unet_dir / "config.json").is_file():
             raise DiffquantError(f"{folder}: pipeline folder without unet/config.json")

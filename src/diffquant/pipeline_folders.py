@@ -1,0 +1,169 @@
+"""CLI jobs on full diffusers pipeline folders: text-to-image (text encoder + VAE), DiT/PixArt
+(``transformer/``) and other latent pipelines, run through diffusers itself.
+
+A folder whose ``model_index.json`` lists more than a UNet and a scheduler is loaded with
+``DiffusionPipeline.from_pretrained(local_files_only=True)``; calibration runs the pipeline on
+prompts (``--prompts FILE``, default: the shipped set) or class labels (``--classes``), the
+recipe is applied to its denoiser, and the quantized pipeline is saved with
+:func:`~diffquant.model.pipeline_io.save_pipeline`. Sampling runs the pipeline, which decodes
+latents through its VAE, so saved images are images, never raw latents. A cached hub id
+(``org/name`` already in the local Hugging Face cache) resolves to its snapshot folder; nothing is
+downloaded.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DiffquantError
+
+PLAIN_COMPONENTS = {"unet", "scheduler"}
+
+
+def resolve_model_path(name: str) -> Path | None:
+    """A local folder, or the cached snapshot of a hub id ``org/name`` (never downloaded)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not in the local cache (LocalEntryNotFoundError and friends)
+            raise DiffquantError(f"{name!r} is neither a local folder nor a hub id in the local Hugging Face "
+                                 "cache (diffquant never downloads; fetch it first with huggingface-cli)") from None
+    return None
+
+
+def is_full_pipeline(path: Path) -> bool:
+    """A pipeline folder with more than a UNet and a scheduler (a text encoder, VAE, transformer, ...)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        components = {k for k, v in json.loads(index.read_text()).items()
+                      if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    except (OSError, ValueError) as exc:
+        raise DiffquantError(f"{index} is not valid JSON ({exc})") from None
+    return bool(components - PLAIN_COMPONENTS)
+
+
+def load_pipeline_folder(path: Path, device="cpu"):
+    from diffusers import DiffusionPipeline
+
+    from .model.pipeline_io import QUANT_DIR, load_pipeline
+
+    quantized = any((path / d / QUANT_DIR / "manifest.json").is_file() for d in ("unet", "transformer", "prior"))
+    kwargs = dict(local_files_only=True)
+    try:
+        pipe = load_pipeline(DiffusionPipeline, path, **kwargs) if quantized else DiffusionPipeline.from_pretrained(
+            path, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffquantError(f"{path}: cannot load the pipeline ({first[:300]})") from None
+    if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # calibration and evaluation want the model's raw images
+    return pipe.to(device)
+
+
+def _conditioning_calls(pipe, n: int, prompts: str | None, classes: Sequence[int] | None,
+                        per_call: int) -> list[dict[str, Any]]:
+    """Keyword arguments of ``ceil(n / per_call)`` pipeline calls covering ``n`` images."""
+    from .calib.pipeline_capture import read_prompts
+
+    params = inspect.signature(pipe.__call__).parameters
+    if "prompt" in params:
+        if classes is not None:
+            raise DiffquantError(f"{type(pipe).__name__} is text-conditioned: pass --prompts FILE, not --classes")
+        texts = read_prompts(prompts)
+        texts = [texts[i % len(texts)] for i in range(n)]
+        return [{"prompt": texts[i:i + per_call]} for i in range(0, n, per_call)]
+    if "class_labels" in params:
+        if prompts is not None:
+            raise DiffquantError(f"{type(pipe).__name__} is class-conditional: pass --classes 1,2,..., not --prompts")
+        labels = list(classes) if classes else list(range(10))
+        wanted = [int(labels[i % len(labels)]) for i in range(n)]
+        return [{"class_labels": wanted[i:i + per_call]} for i in range(0, n, per_call)]
+    if prompts is not None or classes is not None:
+        raise DiffquantError(f"{type(pipe).__name__} takes neither prompts nor class labels")
+    if "batch_size" in params:
+        return [{"batch_size": min(per_call, n - i)} for i in range(0, n, per_call)]
+    raise DiffquantError(f"{type(pipe).__name__}: diffquant cannot tell how to condition this pipeline "
+                         "(it takes no prompt, class_labels or batch_size); use the Python API (capture_pipeline)")
+
+
+def _steps_kwargs(pipe, steps: int, guidance: float | None) -> dict[str, Any]:
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {"num_inference_steps": steps}
+    if guidance is not None:
+        if "guidance_scale" not in params:
+            raise DiffquantError(f"{type(pipe).__name__} takes no guidance scale")
+        kwargs["guidance_scale"] = float(guidance)
+    return kwargs
+
+
+def quantize_pipeline_folder(path: Path, *, recipe: str, recipe_config, quant, n: int, steps: int, every: int,
+                             prompts: str | None, classes: Sequence[int] | None, guidance: float | None,
+                             out: str, device="cpu", seed: int = 10_000):
+    """Calibrate a pipeline folder's denoiser with ``recipe`` and save the quantized pipeline to ``out``."""
+    from .calib.pipeline_capture import capture_pipeline, denoiser_of
+    from .model.pipeline_io import save_pipeline
+    from .pipeline import apply_recipe
+
+    pipe = load_pipeline_folder(path, device)
+    name, denoiser = denoiser_of(pipe)
+    calls = _conditioning_calls(pipe, n, prompts, classes, per_call=min(n, 4))
+    calib = capture_pipeline(pipe, calls, seed=seed, every=every, out=Path(out) / "calibration",
+                             output_type="latent" if _takes_latent(pipe) else "np", **_steps_kwargs(pipe, steps, guidance))
+    qmodel = apply_recipe(denoiser, calib, recipe, quant, recipe_config=recipe_config,
+                          work_dir=str(Path(out) / "work"), device=device)
+    setattr(pipe, name, qmodel)
+    save_pipeline(pipe, out)
+    return qmodel, name, len(calib)
+
+
+def _takes_latent(pipe) -> bool:
+    return getattr(pipe, "vae", None) is not None
+
+
+def sample_pipeline_folder(path: Path, *, n: int, steps: int, guidance: float | None, prompts: str | None,
+                           classes: Sequence[int] | None, seed: int, batch_size: int, out: str, device="cpu"):
+    """Images from a (quantized or float) pipeline folder, decoded by the pipeline, saved as samples.npz."""
+    from .diffusion.sampling import SampleResult, save_samples
+
+    pipe = load_pipeline_folder(path, device)
+    calls = _conditioning_calls(pipe, n, prompts, classes, per_call=max(1, min(batch_size, n)))
+    images, labels, texts = [], [], []
+    for i, call in enumerate(calls):
+        result = pipe(**call, **_steps_kwargs(pipe, steps, guidance), output_type="np",
+                      generator=torch.Generator().manual_seed(seed + i))
+        batch = np.asarray(result.images)
+        images.append(np.clip(np.round(batch * 255.0), 0, 255).astype(np.uint8))
+        labels += list(call.get("class_labels", []))
+        texts += list(call.get("prompt", []))
+    stacked = np.concatenate(images)[:n]
+    settings = {"model": str(path), "pipeline": type(pipe).__name__, "n": int(len(stacked)), "steps": steps,
+                "guidance": guidance, "seed": seed, "prompts": texts[:n] or None}
+    sample = SampleResult(images=stacked, samples=torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                          labels=np.asarray(labels[:n], dtype=np.int64) if labels else None,
+                          indices=np.arange(len(stacked), dtype=np.int64), settings=settings)
+    return save_samples(sample, out)
+
+
+def pipeline_folder_or_none(model: str) -> Path | None:
+    """``model`` as a full pipeline folder (see :func:`is_full_pipeline`), else None."""
+    if model in ("default",) or not isinstance(model, (str, os.PathLike)):
+        return None
+    from .zoo.registry import MODELS
+
+    if str(model) in MODELS:
+        return None
+    path = resolve_model_path(str(model))
+    return path if path is not None and is_full_pipeline(path) else None
