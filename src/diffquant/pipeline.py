@@ -131,10 +131,6 @@ def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig,
     return QuantizeResult(qmodel, None, qmodel.summary(), t2 - t0, {"capture_s": t1 - t0, "recipe_s": t2 - t1})
 
 
-#: recipes that fine-tune by sampling through a DiffusionBundle (not from a recorded calibration)
-BUNDLE_ONLY_RECIPES = ("mpqdm", "mpqdm_official", "efficientdm")
-
-
 def apply_recipe(model, calibration, recipe: str = "naive", quant: QuantConfig | None = None, *,
                  recipe_config=None, work_dir: str | Path | None = None, device="cpu",
                  batch_size: int = 32) -> QuantModel:
@@ -144,16 +140,14 @@ def apply_recipe(model, calibration, recipe: str = "naive", quant: QuantConfig |
     :func:`~diffquant.calib.pipeline_capture.capture_pipeline` or its ``load``): every recorded
     argument of every denoiser call — text embeddings, CFG halves, class labels — is fed back
     during calibration. ``quant``: bit-widths and coverage (default W8A8); ``recipe_config``: the
-    recipe's options (default: its defaults). ``model`` itself is left float; the returned
+    recipe's options (default: its defaults); MPQ-DM / EfficientDM fine-tune along the recorded
+    trajectories instead of sampling new ones. ``model`` itself is left float; the returned
     :class:`QuantModel` drops into the pipeline (``pipe.unet = qmodel``).
     """
     from .calib.conditioning import conditioned_call
 
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    if recipe in BUNDLE_ONLY_RECIPES:
-        raise ConfigError(f"{recipe} fine-tunes by sampling through a DiffusionBundle; from a recorded pipeline "
-                          "calibration use naive, qdiffusion, edadm or dmq (or quantize_bundle)")
     config_cls, run = RECIPES[recipe]
     config = config_cls() if recipe_config is None else recipe_config
     if not isinstance(config, config_cls):

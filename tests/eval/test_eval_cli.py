@@ -22,16 +22,18 @@ def save_samples(path, images, **extra):
     return str(path)
 
 
-@pytest.mark.parametrize("shape", [(5, 28, 28), (5, 1, 28, 28), (5, 28, 28, 1)])
-def test_load_samples_accepts_layouts(tmp_path, shape):
+@pytest.mark.parametrize("shape,want", [((5, 28, 28), (5, 1, 28, 28)), ((5, 1, 28, 28), (5, 1, 28, 28)),
+                                        ((5, 28, 28, 1), (5, 1, 28, 28)), ((5, 32, 20), (5, 1, 32, 20)),
+                                        ((5, 3, 20, 24), (5, 3, 20, 24)), ((5, 20, 24, 3), (5, 3, 20, 24))])
+def test_load_samples_accepts_layouts(tmp_path, shape, want):
     images, labels, protocol = load_samples(save_samples(tmp_path / "s.npz", np.zeros(shape, np.uint8),
                                                          labels=np.arange(5), protocol=json.dumps({"steps": 5})))
-    assert images.shape == (5, 1, 28, 28) and labels.tolist() == [0, 1, 2, 3, 4] and protocol == {"steps": 5}
+    assert images.shape == want and labels.tolist() == [0, 1, 2, 3, 4] and protocol == {"steps": 5}
 
 
 @pytest.mark.parametrize("array,match", [
-    (np.zeros((5, 32, 32), np.uint8), r"\[N,28,28\].*got \(5, 32, 32\)"),
-    (np.zeros((5, 3, 28, 28), np.uint8), "got \\(5, 3, 28, 28\\)"),
+    (np.zeros((5, 4, 28, 28), np.uint8), "got \\(5, 4, 28, 28\\)"),
+    (np.zeros((1, 28, 28), np.uint8), "N >= 2"),
     (np.zeros((5, 28, 28), np.float32), "uint8"),
 ])
 def test_load_samples_rejects_bad_images(tmp_path, array, match):

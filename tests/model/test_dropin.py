@@ -8,7 +8,7 @@ import torch
 
 import diffquant
 from diffquant import QuantConfig
-from diffquant.methods import DMQConfig, EDADMConfig, QDiffusionConfig
+from diffquant.methods import DMQConfig, EDADMConfig, EfficientDMConfig, MPQDMConfig, QDiffusionConfig
 from diffquant.quant.timestep import remove_timestep_hooks
 
 from tiny_pipelines import tiny_ddim_pipeline, tiny_dit_pipeline, tiny_sd_pipeline
@@ -41,6 +41,8 @@ RECIPES = {
     "qdiffusion": QDiffusionConfig(iters_w=2, iters_a=2, batch_size=2, cali_st=1, cali_n=2, act_init_n=2),
     "dmq": DMQConfig(les_iters=2, iters_w=2, batch_size=2),
     "edadm": EDADMConfig(iters=2, batch_size=2, act_init_n=4),
+    "mpqdm": MPQDMConfig(epochs=2, batch_size=2, lora_rank=2, stage1_batch=4),
+    "efficientdm": EfficientDMConfig(epochs=2, batch_size=2, lora_rank=2, stage1_batch=4),
 }
 
 
@@ -132,8 +134,42 @@ def test_save_pipeline_refuses_a_bare_quantized_denoiser(tmp_path):
         diffquant.save_pipeline(pipe, tmp_path / "x")
 
 
-def test_mpqdm_from_a_pipeline_capture_is_refused_in_one_line(tmp_path):
+def test_mpqdm_fine_tunes_along_the_recorded_trajectories(tmp_path):
+    """MPQ-DM from a pipeline capture: QALoRA + TRD follow the recorded float trajectories (the
+    same rows of the same trajectories at every step) and the loss history is recorded."""
+    from diffquant.finetune.qalora import RecordedTrajectories
+
+    pipe, attr, capture, run = sd_setup(tmp_path)
+    calib = diffquant.capture_pipeline(pipe, progress=False, **capture)
+    cs = calib.calib_set
+    # 2 prompts × 2 CFG halves = 4 trajectories, each present at every step
+    assert sorted(set(cs.sample_ids.tolist())) == [0, 1, 2, 3]
+    assert all(sorted(cs.sample_ids[cs.steps == k].tolist()) == [0, 1, 2, 3] for k in range(STEPS))
+    source = RecordedTrajectories(cs, diffquant.conditioned_call, RECIPES["mpqdm"].finetune_options(STEPS, 1.0),
+                                  torch.device("cpu"))
+    picked = [cs[torch.arange(len(cs))][0].shape for _ in [0]]
+    assert source.timesteps == sorted(set(cs.ts.tolist()), reverse=True) and picked
+    qmodel = diffquant.apply_recipe(pipe.unet, calib, "mpqdm", QuantConfig(weight_bits=3, act_bits=8),
+                                    recipe_config=RECIPES["mpqdm"])
+    history = qmodel.mpq_records["history"]
+    assert len(history) == 2 and all(h["eps_loss"] > 0 and h["trd_loss"] > 0 for h in history)
+    assert qmodel.timestep_index.num_steps == STEPS
+
+
+def test_the_official_presets_run_from_a_pipeline_capture(tmp_path):
+    from diffquant.methods import RECIPES as ALL
+
     pipe, attr, capture, run = ddim_setup(tmp_path)
     calib = diffquant.capture_pipeline(pipe, progress=False, **capture)
-    with pytest.raises(diffquant.ConfigError, match="DiffusionBundle"):
-        diffquant.apply_recipe(pipe.unet, calib, "mpqdm")
+    fast = {"qdiffusion_official": dict(iters_w=2, iters_a=2, batch_size=2, act_init_n=2),
+            "edadm_official": dict(iters=2, batch_size=2, act_init_n=4),
+            "dmq_official": dict(les_iters=2, iters_w=2, batch_size=2),
+            "mpqdm_official": dict(epochs=1, batch_size=2, lora_rank=2, stage1_batch=4)}
+    float_unet = pipe.unet
+    reference = images(pipe, run)
+    for name, options in fast.items():
+        qmodel = diffquant.apply_recipe(float_unet, calib, name, QuantConfig(weight_bits=4),
+                                        recipe_config=ALL[name][0](**options))
+        pipe.unet = qmodel
+        out = images(pipe, run)
+        assert qmodel.recipe == name and out.shape == reference.shape and (out != reference).any()

@@ -244,13 +244,26 @@ def capture_pipeline(pipe, calls: Iterable[Mapping[str, Any]] | None = None, *,
     return result
 
 
+def _trajectory_ids(records) -> list[Tensor]:
+    """Per record, the id of each row's trajectory: a run starts at step 0 and row i of every later
+    call of that run continues trajectory ``start + i`` (CFG halves are trajectories of their own)."""
+    ids, start, width = [], 0, 0
+    for x, _, _, step in records:
+        if step == 0 or not ids:
+            start += width
+            width = x.shape[0]
+        ids.append(torch.arange(start, start + x.shape[0]))
+    return ids
+
+
 def _assemble(records, every: int, denoiser: str, source: dict) -> PipelineCalibration:
-    kept = [r for r in records if r[3] % every == 0]
-    xs = torch.cat([r[0] for r in kept])
-    ts = torch.cat([r[1] for r in kept])
-    steps = torch.cat([torch.full((r[0].shape[0],), r[3], dtype=torch.long) for r in kept])
-    cond = Conditioning.cat([r[2] for r in kept])
-    calib_set = CalibrationSet(xs, ts, cond, steps, torch.arange(xs.shape[0]))
+    trajectory = _trajectory_ids(records)
+    kept = [i for i, r in enumerate(records) if r[3] % every == 0]
+    xs = torch.cat([records[i][0] for i in kept])
+    ts = torch.cat([records[i][1] for i in kept])
+    steps = torch.cat([torch.full((records[i][0].shape[0],), records[i][3], dtype=torch.long) for i in kept])
+    cond = Conditioning.cat([records[i][2] for i in kept])
+    calib_set = CalibrationSet(xs, ts, cond, steps, torch.cat([trajectory[i] for i in kept]))
     return PipelineCalibration(calib_set, denoiser, source)
 
 

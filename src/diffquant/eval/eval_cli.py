@@ -1,7 +1,8 @@
 """``diffquant evaluate``: metrics of a samples.npz against cached reference statistics.
 
-samples.npz holds ``images`` (uint8 [N,28,28], [N,1,28,28] or [N,28,28,1]), optionally
-``labels`` (int [N]). The sampler settings (the protocol, stored verbatim in the results) come
+samples.npz holds ``images`` (uint8, grey or RGB, any size: [N,H,W], [N,1|3,H,W] or [N,H,W,1|3]),
+optionally ``labels`` (int [N]). ``--reference`` is a data set name, a folder of images or a
+statistics file (see :mod:`diffquant.eval.reference`). The sampler settings (the protocol, stored verbatim in the results) come
 from a ``protocol`` JSON string in the npz, else from ``samples.json`` written beside it by
 ``diffquant sample``.
 """
@@ -16,8 +17,6 @@ import numpy as np
 from diffquant.errors import DiffquantError
 from diffquant.fsutil import check_writable_dir
 
-REFERENCE_SETS = ("fashion-mnist", "mnist")
-REFERENCE_IMAGE_SHAPE = (1, 28, 28)
 IMAGE_KEYS = ("images", "samples", "arr_0")
 
 
@@ -26,7 +25,12 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="FID, sFID, precision/recall, accuracy, fidelity of samples",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="samples.npz (key 'images', optional 'labels', 'protocol')")
-    p.add_argument("--reference", choices=REFERENCE_SETS, default="fashion-mnist", help="real data set")
+    p.add_argument("--reference", default="fashion-mnist",
+                   help="fashion-mnist | mnist | a folder of images (any size, grey or RGB) | a statistics file "
+                        "STEM.json written by --save-reference-stats")
+    p.add_argument("--save-reference-stats", default=None, metavar="STEM",
+                   help="also write the reference statistics to STEM.safetensors + STEM.json (reuse with "
+                        "--reference STEM.json)")
     p.add_argument("--ref-split", default="test", choices=("train", "test"), help="split of the real data set")
     p.add_argument("--ref-n", type=int, default=None, help="number of real images (default: the whole split)")
     p.add_argument("--ref-seed", type=int, default=None,
@@ -81,13 +85,13 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
     if images.dtype != np.uint8:
         raise DiffquantError(f"{path}: images must be uint8 in [0, 255]; got {images.dtype}")
     original_shape = tuple(int(d) for d in images.shape)
-    if images.ndim == 4 and images.shape[-1] == 1 and images.shape[1] != 1:
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     elif images.ndim == 3:
         images = images[:, None]
-    if images.ndim != 4 or images.shape[1:] != REFERENCE_IMAGE_SHAPE or images.shape[0] < 2:
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 2 or min(images.shape[2:]) < 2:
         raise DiffquantError(
-            f"{path}: images must be [N,28,28], [N,1,28,28] or [N,28,28,1] with N >= 2; got {original_shape}"
+            f"{path}: images must be [N,H,W], [N,1|3,H,W] or [N,H,W,1|3] with N >= 2; got {original_shape}"
         )
     if labels is not None and not np.issubdtype(labels.dtype, np.integer):
         raise DiffquantError(f"{path}: labels must be integers, got {labels.dtype}")
@@ -98,25 +102,31 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from diffquant.eval.classify import load_classifier
-    from diffquant.eval.fid import reference_stats
     from diffquant.eval.inception import InceptionFeatures
+    from diffquant.eval.reference import resolve_reference
     from diffquant.eval.report import evaluate_images, metrics_table, write_results
 
     check_writable_dir(args.out)
     images, labels, protocol = load_samples(args.samples)
     fp_images = load_samples(args.fp_samples)[0] if args.fp_samples else None
+    if fp_images is not None and fp_images.shape != images.shape:
+        raise DiffquantError(f"--fp-samples holds images of shape {tuple(fp_images.shape)}, the samples "
+                             f"{tuple(images.shape)}: fidelity needs the same images from the same noise")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     classifier = load_classifier(args.classifier, args.device) if args.classifier else None
     inception_needed = metrics is None or bool({"fid", "sfid", "precision", "recall"} & set(metrics))
     extractor = reference = None
     if inception_needed:
         extractor = InceptionFeatures(args.fid_weights, device=args.device)
-        reference = reference_stats(
-            args.reference, args.ref_split, args.ref_n, extractor=extractor, data_dir=args.data_dir,
+        reference = resolve_reference(
+            args.reference, split=args.ref_split, n=args.ref_n, extractor=extractor, data_dir=args.data_dir,
             subset_seed=args.ref_seed, spatial=metrics is None or "sfid" in metrics,
             batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
             cache=not args.no_cache,
         )
+        if args.save_reference_stats:
+            reference.save(args.save_reference_stats)
+            print(f"reference statistics saved to {args.save_reference_stats}.json / .safetensors")
     results = evaluate_images(
         images, labels, reference=reference, extractor=extractor, classifier=classifier, fp_images=fp_images,
         metrics=metrics, device=args.device, batch_size=args.batch_size, protocol=protocol,

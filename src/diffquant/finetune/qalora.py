@@ -275,29 +275,93 @@ def guided_eps(bundle, model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | 
     return uncond + guidance * (cond - uncond)
 
 
+class SampledTrajectories:
+    """The paper's source: fresh DDIM trajectories of the float model, one batch per epoch, with
+    random class labels and classifier-free guidance (``bundle`` gives scheduler and shapes)."""
+
+    def __init__(self, bundle, options: FinetuneOptions, device: torch.device):
+        from ..diffusion.sampling import build_scheduler
+
+        if options.guidance != 1.0 and (not bundle.is_conditional or bundle.null_class is None):
+            raise ConfigError(f"{bundle.name}: guidance {options.guidance} needs a class-conditional model with "
+                              "a null class")
+        self.bundle, self.options, self.device = bundle, options, device
+        self.sched = build_scheduler(bundle.scheduler_config, "ddim")
+        self.sched.set_timesteps(options.steps, device=device)
+        self.timesteps = [int(t) for t in self.sched.timesteps]
+        self.eps_fp: Tensor | None = None
+
+    def steps(self, epoch: int):
+        """Yield ``(k, predict)`` per step; ``predict(model)`` is ε of ``model`` on this step's input.
+        Set ``eps_fp`` before resuming: the float trajectory moves on with it."""
+        bundle, options = self.bundle, self.options
+        gen = torch.Generator().manual_seed(options.seed + epoch)
+        labels = None
+        if bundle.is_conditional:
+            labels = torch.randint(0, int(bundle.num_classes), (options.batch_size,), generator=gen).to(self.device)
+        x = (torch.randn(options.batch_size, *bundle.sample_shape, generator=gen) * self.sched.init_noise_sigma
+             ).to(self.device)
+        for k, t in enumerate(self.sched.timesteps):
+            xin = self.sched.scale_model_input(x, t)
+            yield k, lambda model, xin=xin, t=t: guided_eps(bundle, model, xin, t, labels, options.guidance)
+            with torch.no_grad():
+                x = self.sched.step(self.eps_fp, t, x, eta=0.0).prev_sample
+
+
+class RecordedTrajectories:
+    """Float trajectories recorded from the user's own pipeline or sampler (every argument of every
+    denoiser call, CFG halves as separate rows): each epoch follows ``batch_size`` recorded
+    trajectories (seeded choice) through every step, teacher-forced on the recorded x_t. The loss
+    compares each half's ε, not the guided combination (the recording holds no guidance scale)."""
+
+    def __init__(self, calib_set, call, options: FinetuneOptions, device: torch.device):
+        steps = calib_set.steps
+        self.timesteps = []
+        for k in sorted(set(steps.tolist())):
+            ts = {int(t) for t in calib_set.ts[steps == k].tolist()}
+            if len(ts) != 1:
+                raise ConfigError(f"recorded step {k} holds several timesteps {sorted(ts)[:4]}; record one schedule")
+            self.timesteps.append(ts.pop())
+        self.calib_set, self.call, self.options, self.device = calib_set, call, options, device
+        self.trajectories = sorted(set(calib_set.sample_ids.tolist()))
+        self.eps_fp = None
+
+    def steps(self, epoch: int):
+        options, cs = self.options, self.calib_set
+        gen = torch.Generator().manual_seed(options.seed + epoch)
+        order = torch.randperm(len(self.trajectories), generator=gen)[: options.batch_size]
+        chosen = torch.tensor([self.trajectories[i] for i in order.tolist()])
+        for k in sorted(set(cs.steps.tolist())):
+            rows = ((cs.steps == k) & torch.isin(cs.sample_ids, chosen)).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            x, t, cond = cs[rows]
+            x, t = x.to(self.device), t.to(self.device)
+            cond = None if cond is None else cond.to(self.device)
+            yield k, lambda model, x=x, t=t, cond=cond: self.call(model, x, t, cond).float()
+
+
 def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str], options: FinetuneOptions, *,
              checkpoint: FinetuneCheckpoint | None = None, start_epoch: int = 0, history: list[dict] | None = None,
-             optimizer=None, scheduler=None, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
+             optimizer=None, scheduler=None, device: str | torch.device = "cpu", progress: bool = True,
+             source=None) -> list[dict]:
     """Run epochs ``start_epoch … options.epochs − 1`` of the loop (see the module docstring).
 
-    ``qmodel`` must have its TALSQ tables on the DDIM schedule of ``options.steps`` and the
-    trainable parameters set; ``optimizer``/``scheduler`` default to :func:`build_optimizer`.
-    Returns the per-epoch history (mean ε-loss and TRD loss).
+    ``qmodel`` must have its TALSQ tables on the schedule of the trajectories and the trainable
+    parameters set; ``optimizer``/``scheduler`` default to :func:`build_optimizer`. The trajectories
+    are ``source`` (a :class:`RecordedTrajectories`) or, by default, sampled from ``bundle``
+    (:class:`SampledTrajectories`, the paper's). Returns the per-epoch history (mean ε-loss and
+    TRD loss).
     """
-    from ..diffusion.sampling import build_scheduler
-
     history = list(history or [])
     if optimizer is None:
         optimizer, scheduler, _ = build_optimizer(qmodel, layers, options)
     device = torch.device(device)
-    if options.guidance != 1.0 and (not bundle.is_conditional or bundle.null_class is None):
-        raise ConfigError(f"{bundle.name}: guidance {options.guidance} needs a class-conditional model with a null class")
-    sched = build_scheduler(bundle.scheduler_config, "ddim")
-    sched.set_timesteps(options.steps, device=device)
-    timesteps = [int(t) for t in sched.timesteps]
+    source = source or SampledTrajectories(bundle, options, device)
+    timesteps = source.timesteps
     if list(qmodel.timestep_index.timesteps) not in ([], timesteps):
         raise ConfigError("the TALSQ tables are calibrated for another schedule than the fine-tuning's "
-                          f"{options.steps} DDIM steps")
+                          f"{len(timesteps)} steps")
     hooks = None
     window = None
     if options.trd:
@@ -310,26 +374,21 @@ def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str],
         except AttributeError:
             raise ConfigError(f"TRD feature module {feature!r} does not exist in the model") from None
         window = TRDWindow(options.trd_n, options.trd_grad, options.trd_loss, options.trd_tau, options.trd_weight)
-    total = (options.epochs - start_epoch) * options.steps
+    total = (options.epochs - start_epoch) * len(timesteps)
     bar = tqdm(total=total, desc="fine-tuning", disable=not progress, leave=False)
     fp_model.eval()
     qmodel.eval()
     try:
         for epoch in range(start_epoch, options.epochs):
-            gen = torch.Generator().manual_seed(options.seed + epoch)
-            labels = None
-            if bundle.is_conditional:
-                labels = torch.randint(0, int(bundle.num_classes), (options.batch_size,), generator=gen).to(device)
-            x = (torch.randn(options.batch_size, *bundle.sample_shape, generator=gen) * sched.init_noise_sigma).to(device)
             eps_sum = trd_sum = 0.0
             pending: Tensor | None = None
             if window is not None:
                 window.reset()
-            for k, t in enumerate(sched.timesteps):
-                xin = sched.scale_model_input(x, t)
+            last = len(timesteps) - 1
+            for k, predict in source.steps(epoch):
                 with torch.no_grad():
-                    eps_fp = guided_eps(bundle, fp_model, xin, t, labels, options.guidance)
-                eps_q = guided_eps(bundle, qmodel, xin, t, labels, options.guidance)
+                    eps_fp = predict(fp_model)
+                eps_q = predict(qmodel)
                 loss = (eps_q - eps_fp).pow(2).sum()
                 eps_sum += float(loss.detach())
                 if window is not None:
@@ -339,16 +398,15 @@ def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str],
                         loss = loss + extra
                 if options.window_updates:
                     pending = loss if pending is None else pending + loss
-                    if k % options.trd_n == options.trd_n - 1 or k == len(sched.timesteps) - 1:
+                    if k % options.trd_n == options.trd_n - 1 or k == last:
                         _update(pending, optimizer, scheduler)
                         pending = None
                 else:
                     _update(loss, optimizer, scheduler)
-                with torch.no_grad():
-                    x = sched.step(eps_fp, t, x, eta=0.0).prev_sample
+                source.eps_fp = eps_fp
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4g}")
-            history.append({"epoch": epoch, "eps_loss": eps_sum / len(sched.timesteps), "trd_loss": trd_sum})
+            history.append({"epoch": epoch, "eps_loss": eps_sum / len(timesteps), "trd_loss": trd_sum})
             if checkpoint is not None:
                 checkpoint.save(qmodel, epoch + 1, history, optimizer, scheduler)
     finally:

@@ -29,13 +29,13 @@ TRD_LOSSES = ("relation_kl", "l2_feature")
 def default_feature_module(model: nn.Module) -> str:
     """Name of the last decoder block of the model families diffquant knows.
 
-    diffusers UNets: ``up_blocks.<last>``; CompVis openaimodel: ``output_blocks.<last>``;
+    diffusers UNets: ``up_blocks.<last>``; DiT/PixArt transformers: ``transformer_blocks.<last>``; CompVis openaimodel: ``output_blocks.<last>``;
     mnist-resunet: ``decoders.<last>.<last>``; mnist-convunet: ``b_out``.
     """
     if hasattr(model, "model") and isinstance(getattr(model, "model"), nn.Module) and \
             type(model).__name__ == "QuantModel":
         model = model.model
-    for attr in ("up_blocks", "output_blocks"):
+    for attr in ("up_blocks", "output_blocks", "transformer_blocks"):
         blocks = getattr(model, attr, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks):
             return f"{attr}.{len(blocks) - 1}"
@@ -61,8 +61,10 @@ class FeatureHook:
 
     def _hook(self, module: nn.Module, args: tuple, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, Tensor) and out.dim() == 3:  # transformer tokens [B, L, D] → [B, D, L, 1]
+            out = out.transpose(1, 2).unsqueeze(-1)
         if not isinstance(out, Tensor) or out.dim() != 4:
-            raise ConfigError(f"the TRD feature module must return a [B, C, H, W] tensor, got "
+            raise ConfigError(f"the TRD feature module must return a [B, C, H, W] or [B, L, D] tensor, got "
                               f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
         self.value = out.detach() if self.detach else out
 

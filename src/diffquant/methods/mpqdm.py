@@ -254,7 +254,9 @@ def run_mpqdm(
         call: ``call(model, x, t, labels)`` for Stage 1 (default: ``bundle.predict_noise``).
         fp_model: the float denoiser for distillation (default ``bundle.unet``).
         bundle: the :class:`~diffquant.zoo.registry.DiffusionBundle` (scheduler, sample shape,
-            classes) that the fine-tuning samples with; needed when ``epochs > 0``.
+            classes) that the fine-tuning samples with; without it (``epochs > 0``) the fine-tuning
+            follows the trajectories recorded in ``calib_set`` (e.g. from
+            :func:`~diffquant.calib.pipeline_capture.capture_pipeline`) with ``fp_model``.
         work_dir: progress after Stage 1 and every epoch goes to ``<work_dir>/finetune``; a run with
             the same settings resumes there. Stage-1 records and the loss history go to
             ``mpqdm_records.json``.
@@ -264,8 +266,9 @@ def run_mpqdm(
     if bundle is not None:
         fp_model = bundle.unet if fp_model is None else fp_model
         call = call or bundle.predict_noise
-    if config.epochs > 0 and (bundle is None or fp_model is None):
-        raise ConfigError("MPQ-DM / EfficientDM fine-tuning samples from the float model: pass bundle=")
+    if config.epochs > 0 and (fp_model is None or (bundle is None and calib_set is None)):
+        raise ConfigError("MPQ-DM / EfficientDM fine-tuning distils the float model along its trajectories: pass "
+                          "bundle= (sampled, the paper's) or fp_model= with a recorded calib_set")
     for p in qmodel.parameters():
         p.requires_grad_(False)
 
@@ -308,9 +311,15 @@ def run_mpqdm(
         optimizer, scheduler, _ = build_optimizer(qmodel, trained, options)
         if state is not None:
             FinetuneCheckpoint.restore_optimizer(state, checkpoint.root, optimizer, scheduler)
+        source = None
+        if bundle is None:  # trajectories recorded from the user's pipeline or sampler
+            from ..calib.conditioning import conditioned_call
+            from ..finetune.qalora import RecordedTrajectories
+
+            source = RecordedTrajectories(calib_set, call or conditioned_call, options, torch.device(device))
         history = finetune(qmodel, fp_model, bundle, trained, options, checkpoint=checkpoint, start_epoch=start,
                            history=history, optimizer=optimizer, scheduler=scheduler, device=device,
-                           progress=progress)
+                           progress=progress, source=source)
 
     for p in qmodel.parameters():
         p.requires_grad_(False)
