@@ -173,3 +173,18 @@ def test_the_official_presets_run_from_a_pipeline_capture(tmp_path):
         pipe.unet = qmodel
         out = images(pipe, run)
         assert qmodel.recipe == name and out.shape == reference.shape and (out != reference).any()
+
+
+def test_quantmodel_save_pretrained_keeps_float_weights_plain_and_reloads_bit_identically(tmp_path):
+    from diffusers import UNet2DModel
+
+    pipe, attr, capture, run = ddim_setup(tmp_path)
+    qmodel = diffquant.apply_recipe(pipe.unet, diffquant.capture_pipeline(pipe, progress=False, **capture), "dmq",
+                                    QuantConfig(weight_bits=4), recipe_config=RECIPES["dmq"])
+    qmodel.save_pretrained(tmp_path / "unet")
+    plain = UNet2DModel.from_pretrained(tmp_path / "unet")  # a float model, no stray quantizer tensors
+    assert set(plain.state_dict()) == set(pipe.unet.state_dict())
+    loaded = diffquant.QuantModel.from_pretrained(tmp_path / "unet")
+    (x, t), kw = diffquant.capture_pipeline(pipe, progress=False, **capture).example_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, qmodel(x, t).sample)

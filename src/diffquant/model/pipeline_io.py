@@ -33,6 +33,35 @@ def _float_denoiser(qmodel: QuantModel) -> nn.Module:
     return fresh.to(dtype=model.dtype).eval()
 
 
+def save_pretrained(qmodel: QuantModel, directory: str | os.PathLike, **save_kwargs) -> Path:
+    """The denoiser's own ``save_pretrained`` layout (float weights, loadable by diffusers as the float
+    model) plus the quantizer state in ``<directory>/diffquant/``."""
+    out = Path(directory)
+    _float_denoiser(qmodel).save_pretrained(out, **save_kwargs)
+    save(qmodel, out / QUANT_DIR)
+    return out
+
+
+def from_pretrained(directory: str | os.PathLike, model_cls=None, **load_kwargs) -> QuantModel:
+    """Load what :func:`save_pretrained` wrote: the float model (its class from ``config.json`` unless
+    ``model_cls`` is given) with the quantization restored, bit-identical."""
+    import json
+
+    import diffusers
+
+    root = Path(directory)
+    if not (root / QUANT_DIR / MANIFEST_FILE).is_file():
+        raise DiffquantError(f"{root} holds no diffquant quantization ({QUANT_DIR}/{MANIFEST_FILE})")
+    if model_cls is None:
+        try:
+            name = json.loads((root / "config.json").read_text())["_class_name"]
+            model_cls = getattr(diffusers, name)
+        except (OSError, ValueError, KeyError, AttributeError):
+            raise DiffquantError(f"{root}: cannot tell the model class from config.json; pass model_cls=") from None
+    model = model_cls.from_pretrained(root, **load_kwargs)
+    return load(model, root / QUANT_DIR, inplace=True)
+
+
 def quantized_components(pipe) -> dict[str, QuantModel]:
     """The pipeline's components that are :class:`QuantModel` s, by attribute name."""
     names = getattr(pipe, "components", {}) or {}

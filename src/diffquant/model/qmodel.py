@@ -49,6 +49,21 @@ class QuantModel(nn.Module):
             # drop-in: pipelines read the denoiser's own ``config``, ``dtype``, ``device``, ...
             return getattr(self._modules["model"], name)
 
+    def save_pretrained(self, directory, **save_kwargs):
+        """Like the denoiser's ``save_pretrained`` (float weights in diffusers' layout) plus the
+        quantizer state in ``<directory>/diffquant/`` — never the quantizer tensors mixed into the
+        float weights file. Load with :meth:`from_pretrained`."""
+        from .pipeline_io import save_pretrained
+
+        return save_pretrained(self, directory, **save_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory, model_cls=None, **load_kwargs) -> "QuantModel":
+        """A quantized model saved by :meth:`save_pretrained` (bit-identical)."""
+        from .pipeline_io import from_pretrained
+
+        return from_pretrained(directory, model_cls, **load_kwargs)
+
     @property
     def denoiser(self) -> nn.Module:
         """The user's own model object with the quantized layers swapped in: an instance of its
