@@ -79,8 +79,10 @@ def test_wrong_conditioning_and_unsupported_commands_are_one_line(sd_folder, tmp
     code, _, err = run(["quantize", "--model", str(sd_folder), "--classes", "1,2", "--out", str(tmp_path / "q")],
                        capsys)
     assert code == 2 and "--prompts" in err and "Traceback" not in err
-    code, _, err = run(["bench", "--model", str(sd_folder), "--metrics", "--out", str(tmp_path / "b")], capsys)
+    code, _, err = run(["main", "--model", str(sd_folder), "--no-fid", "--out", str(tmp_path / "m")], capsys)
     assert code == 2 and "full diffusers pipeline" in err
+    code, _, err = run(["bench", "--model", str(sd_folder), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "--reference" in err  # FID of a pipeline folder needs a reference set
     code, _, err = run(["quantize", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "q")], capsys)
     assert code == 2 and "never downloads" in err
 
@@ -100,3 +102,41 @@ def test_quantize_takes_recipe_specs(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert "iters_w: 2" in (tmp_path / "q" / "recipe.yaml").read_text()
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["recipe"] == "qdiffusion"
+
+
+def test_bench_on_a_pipeline_folder_compares_recipes_from_the_same_prompts(sd_folder, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from diffquant.eval import inception
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na red apple\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+
+    class Pixels:  # a cheap feature extractor: FID on raw pixels (the real Inception is tested in tests/eval)
+        def identity(self):
+            return {"name": "pixels"}
+
+        def extract(self, images, batch_size=50, device=None, progress=True, spatial=True):
+            x = np.asarray(images, dtype=np.float32).reshape(len(images), -1)[:, ::97] / 255.0
+            return {"pool": x, "spatial": x[:, :4]}
+
+    monkeypatch.setattr(inception, "InceptionFeatures", lambda weights=None, device="cpu": Pixels())
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(["bench", "--model", str(sd_folder), "--recipes", "naive", "qdiffusion:iters_w=2,iters_a=2,"
+                          "batch_size=2,act_init_n=2", "--settings", "W8A8", "W4A8", "--n", "4", "--steps", "2",
+                          "--calib-n", "2", "--calib-every", "1", "--prompts", str(prompts), "--metrics", "fid",
+                          "--reference", str(ref), "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = {(r["recipe"].split(":")[0], r["setting"]): r for r in results["rows"]}
+    assert set(rows) == {("fp32", "W32A32"), ("naive", "W8A8"), ("naive", "W4A8"), ("qdiffusion", "W8A8"),
+                         ("qdiffusion", "W4A8")}
+    assert all(np.isfinite(r["fid"]) for r in rows.values())
+    # fidelity to the float images from the same prompts and seeds: W4 is further away than W8
+    assert rows[("naive", "W4A8")]["mse"] > rows[("naive", "W8A8")]["mse"] > 0
+    assert (tmp_path / "b" / "results.md").read_text().count("| naive |") == 2

@@ -357,6 +357,15 @@ def _plots(rows: list[dict], curves: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def _class_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="recipes × bit settings on one model, same seeds, one table",
                        description="Runs a matrix of recipes and bit settings on one model with the same seeds and "
@@ -380,6 +389,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--row", nargs=2, action="append", default=[], metavar=("SETTING", "RECIPE_SPEC"),
                    help="one extra row after the recipes × settings matrix (repeatable), e.g. "
                         "--row W4A8 qdiffusion:split=false")
+    p.add_argument("--prompts", default=None, help="text-to-image pipeline folders: prompts file (one per line)")
+    p.add_argument("--classes", type=_class_list, default=None, help="class-conditional pipeline folders: labels")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale of the samples (default: the model's / the pipeline's own)")
+    p.add_argument("--reference", default=None,
+                   help="pipeline folders: reference images (folder) or statistics (STEM.json) for FID-type metrics")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--resume", action="store_true",
                    help="keep the float row and finished rows already in --out (same protocol) and run only "
@@ -391,9 +406,26 @@ def _run(args) -> int:
     if args.n <= 0 or (args.ref_n is not None and args.ref_n <= 0):
         raise ConfigError("--n and --ref-n must be positive")
     recipes = args.recipes if args.recipes is not None else ([] if args.row else ["naive"])
+    from .pipeline_folders import bench_pipeline_folder, pipeline_folder_or_none
+
+    folder = pipeline_folder_or_none(args.model)
+    if folder is not None:  # a full diffusers pipeline: sampled through diffusers
+        rows = [(spec, *parse_recipe_spec(spec), s.upper(), *parse_setting(s)) for spec in recipes
+                for s in args.settings]
+        rows += [(spec, *parse_recipe_spec(spec), setting.upper(), *parse_setting(setting))
+                 for setting, spec in args.row]
+        check_writable_dir(args.out)
+        bench_pipeline_folder(folder, rows=rows, n=args.n, steps=args.steps, calib_n=args.calib_n,
+                              calib_every=args.calib_every, prompts=args.prompts, classes=args.classes,
+                              guidance=args.guidance, reference=args.reference, metrics=args.metrics, out=args.out,
+                              device=args.device, fd_method=args.fd_method)
+        print((Path(args.out) / "results.md").read_text())
+        return 0
+    if args.prompts is not None or args.classes is not None or args.reference is not None:
+        raise ConfigError("--prompts, --classes and --reference apply to full diffusers pipeline folders")
     cfg = BenchConfig(model=args.model, recipes=recipes, rows=[list(r) for r in args.row], settings=args.settings, n=args.n, steps=args.steps,
                       ref_n=args.ref_n, metrics=args.metrics, fd_method=args.fd_method, split=args.split,
                       calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out,
-                      resume=args.resume)
+                      resume=args.resume, guidance=args.guidance)
     run_bench(cfg, device=args.device, assets=args.assets)
     return 0

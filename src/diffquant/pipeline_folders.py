@@ -167,3 +167,95 @@ def pipeline_folder_or_none(model: str) -> Path | None:
         return None
     path = resolve_model_path(str(model))
     return path if path is not None and is_full_pipeline(path) else None
+
+
+def bench_pipeline_folder(path: Path, *, rows: list[tuple[str, str, object, str, int, int]], n: int, steps: int,
+                          calib_n: int, calib_every: int, prompts: str | None, classes: Sequence[int] | None,
+                          guidance: float | None, reference: str | None, metrics: Sequence[str], out: str,
+                          device="cpu", seed: int = 0, calib_seed: int = 10_000, fd_method: str = "sqrtm") -> dict:
+    """``bench`` on a full pipeline folder: ``rows`` = (spec, recipe name, recipe config, setting tag,
+    weight bits, activation bits). Float and every row sample the same
+    prompts or labels from the same seeds through diffusers; fidelity to the float images (MSE,
+    PSNR) always, FID/sFID/precision/recall against ``reference`` (a folder of images or a
+    statistics file) when given. Writes ``results.json`` and ``results.md`` after every row."""
+    import time
+
+    from .bench import format_cell, peak_rss_mb
+    from .calib.pipeline_capture import capture_pipeline, denoiser_of
+    from .config import QuantConfig
+    from .eval.report import environment_record, evaluate_images
+    from .jsonio import write_json
+    from .pipeline import apply_recipe
+
+    out_dir = Path(out)
+    pipe = load_pipeline_folder(path, device)
+    name, float_denoiser = denoiser_of(pipe)
+    extractor = ref = None
+    inception = [m for m in metrics if m in ("fid", "sfid", "precision", "recall")]
+    if inception:
+        if reference is None:
+            raise DiffquantError("FID-type metrics of a pipeline folder need --reference (a folder of images or a "
+                                 "statistics file); or pass --metrics with none of them")
+        from .eval.inception import InceptionFeatures
+        from .eval.reference import resolve_reference
+
+        extractor = InceptionFeatures(device=device)
+        ref = resolve_reference(reference, extractor=extractor, spatial="sfid" in inception, device=device)
+    eval_calls = _conditioning_calls(pipe, n, prompts, classes, per_call=max(1, min(n, 8)))
+    steps_kw = _steps_kwargs(pipe, steps, guidance)
+
+    def sample_images():
+        images = []
+        for i, call in enumerate(eval_calls):
+            result = pipe(**call, **steps_kw, output_type="np", generator=torch.Generator().manual_seed(seed + i))
+            images.append(np.clip(np.round(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8))
+        return np.concatenate(images)[:n]
+
+    def evaluate(images, fp_images=None):
+        chosen = list(inception) + (["mse", "psnr"] if fp_images is not None else [])
+        if not chosen:
+            return {}
+        return evaluate_images(images, reference=ref, extractor=extractor, fp_images=fp_images, metrics=chosen,
+                               device=device, fd_method=fd_method, progress=False)["metrics"]
+
+    t0 = time.perf_counter()
+    fp_images = sample_images()
+    table = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp_images), "calib_s": 0.0,
+              "sample_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}]
+    calls = _conditioning_calls(pipe, calib_n, prompts, classes, per_call=min(calib_n, 4))
+    calib = capture_pipeline(pipe, calls, seed=calib_seed, every=calib_every, progress=False,
+                             output_type="latent" if _takes_latent(pipe) else "np", **steps_kw)
+    protocol = {"model": str(path), "pipeline": type(pipe).__name__, "n": n, "steps": steps, "guidance": guidance,
+                "seeds": f"{seed}..", "calibration": {"calls": len(calls), "rows": len(calib), "every": calib_every},
+                "reference": None if ref is None else ref.meta, "metrics": list(metrics)}
+
+    def write() -> dict:
+        results = {"model": str(path), "protocol": protocol, "rows": table, "environment": environment_record()}
+        write_json(out_dir / "results.json", results, default=str)
+        keys: list[str] = []
+        for row in table:
+            keys += [k for k in row if k not in keys]
+        lines = [f"# {type(pipe).__name__} ({path.name}): {', '.join(f'{r[0]} {r[3]}' for r in rows)}", "",
+                 f"N = {n}, {steps} steps, guidance {guidance if guidance is not None else 'pipeline default'}; "
+                 f"calibration {len(calib)} recorded inputs", "",
+                 "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(format_cell(r.get(k)) for k in keys) + " |" for r in table]
+        (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+        return results
+
+    write()
+    for spec, recipe, config, tag, wbits, abits in rows:
+        t0 = time.perf_counter()
+        qmodel = apply_recipe(float_denoiser, calib, recipe,
+                              QuantConfig(weight_bits=wbits, act_bits=abits, quantize_weights=wbits <= 8,
+                                          quantize_acts=abits <= 8), recipe_config=config, device=device)
+        calib_s = time.perf_counter() - t0
+        setattr(pipe, name, qmodel)
+        t0 = time.perf_counter()
+        images = sample_images()
+        sample_s = time.perf_counter() - t0
+        setattr(pipe, name, float_denoiser)
+        table.append({"recipe": spec, "setting": tag, **evaluate(images, fp_images), "calib_s": round(calib_s, 1),
+                      "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
+        write()
+    return write()

@@ -271,7 +271,7 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
 
         if is_full_pipeline(folder):
             raise DiffquantError(f"{folder} is a full diffusers pipeline (text encoder, VAE or transformer): "
-                                 "`quantize` and `sample` run it through diffusers; this command does not yet")
+                                 "`quantize`, `sample` and `bench` run it through diffusers; this command does not yet")
         unet_dir, sched_file = folder / "unet", folder / "scheduler" / "scheduler_config.json"
         if not (unet_dir / "config.json").is_file():
             raise DiffquantError(f"{folder}: pipeline folder without unet/config.json")
