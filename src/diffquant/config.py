@@ -23,7 +23,9 @@ from .quant.ranges import validate_policy
 
 LAYER_MODES = ("quantize", "8bit", "fp")
 
-#: Name globs of the time-embedding MLP in the model families diffquant knows.
+#: Name globs of the time-embedding MLP in the model families diffquant knows (the families disagree
+#: on where it ends — a DiT's per-block embedders, mnist-convunet's per-level MLPs — so names lead and
+#: the traced graph is the fallback, see ``QuantConfig.time_embedding_patterns``).
 DEFAULT_TIME_EMBEDDING_PATTERNS = [
     "time_embedding.*",  # diffusers UNets
     "time_embed.*",  # CompVis / openaimodel
@@ -33,7 +35,8 @@ DEFAULT_TIME_EMBEDDING_PATTERNS = [
     "*.emb.timestep_embedder.*",
 ]
 
-#: Module class names treated as reconstruction blocks (METHODS.md §1.6).
+#: Module class names of reconstruction blocks (METHODS.md §1.6) in the families diffquant knows:
+#: used only where the traced graph finds no residual block (see ``QuantConfig.block_types``).
 DEFAULT_BLOCK_TYPES = ["ResnetBlock2D", "BasicTransformerBlock", "Attention", "ResBlock", "AttnBlock", "ResnetBlock"]
 
 
@@ -250,9 +253,13 @@ class QuantConfig:
     first_last: str = "quantize"
     #: the time-embedding MLP: quantize | 8bit | fp
     time_embedding: str = "quantize"
+    #: name globs of the time-embedding MLP (the families diffquant knows); where none matches, the
+    #: traced graph's layers fed by the timestep alone outside residual blocks
     time_embedding_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_TIME_EMBEDDING_PATTERNS))
     rules: list[LayerRule] = field(default_factory=list)
-    block_types: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCK_TYPES))
+    #: class names of reconstruction blocks; empty (default): the residual blocks of the traced graph
+    #: (the known families' class names as a fallback)
+    block_types: list[str] = field(default_factory=list)
     #: exact | nearest (METHODS.md §1.7)
     timestep_lookup: str = "exact"
 

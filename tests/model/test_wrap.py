@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from diffquant.config import LayerRule, QuantConfig
+from diffquant.config import DEFAULT_BLOCK_TYPES, LayerRule, QuantConfig
 from diffquant.errors import ConfigError
 from diffquant.model import QuantModel, quantize
 from diffquant.model.adapters import example_inputs_for
@@ -156,7 +156,7 @@ def test_units_and_layers_follow_execution_order(any_tiny_model):
     # blocks are of the configured types and contain their layers
     for unit in qmodel.plan.units:
         if unit.kind == "block":
-            assert unit.module_type in QuantConfig().block_types
+            assert unit.module_type in DEFAULT_BLOCK_TYPES  # found from the graph: the known families' blocks
             assert all(n == unit.name or n.startswith(unit.name + ".") for n in unit.layers + unit.attention)
         else:
             assert unit.layers == [unit.name]

@@ -1,10 +1,12 @@
 """``diffquant evaluate``: metrics of a samples.npz against cached reference statistics.
 
 samples.npz holds ``images`` (uint8, grey or RGB, any size: [N,H,W], [N,1|3,H,W] or [N,H,W,1|3]),
-optionally ``labels`` (int [N]). ``--reference`` is a data set name, a folder of images or a
-statistics file (see :mod:`diffquant.eval.reference`). The sampler settings (the protocol, stored verbatim in the results) come
-from a ``protocol`` JSON string in the npz, else from ``samples.json`` written beside it by
-``diffquant sample``.
+optionally ``labels`` (int [N]). ``--reference`` is a data set name, a folder of images (any size,
+grey or RGB) or a statistics file saved by ``--save-reference-stats STEM`` (see
+:mod:`diffquant.eval.reference`); ``--save-reference-stats`` without ``--samples`` only computes
+and saves them, so a reference is processed once. The sampler settings (the protocol, stored
+verbatim in the results) come from a ``protocol`` JSON string in the npz, else from
+``samples.json`` written beside it by ``diffquant sample``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on an argparse subparsers object; the handler is ``args.handler``."""
     p = subparsers.add_parser("evaluate", help="FID, sFID, precision/recall, accuracy, fidelity of samples",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, help="samples.npz (key 'images', optional 'labels', 'protocol')")
+    p.add_argument("--samples", default=None,
+                   help="samples.npz (key 'images', optional 'labels', 'protocol'); required unless only "
+                        "--save-reference-stats is wanted")
     p.add_argument("--reference", default="fashion-mnist",
                    help="fashion-mnist | mnist | a folder of images (any size, grey or RGB) | a statistics file "
                         "STEM.json written by --save-reference-stats")
@@ -41,7 +45,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: all that the inputs allow)")
     p.add_argument("--classifier", default=None, help="TorchScript classifier for class accuracy")
     p.add_argument("--fp-samples", default=None, help="full-precision samples.npz from the same noise (mse, psnr)")
-    p.add_argument("--out", required=True, help="output directory for results.json and results.md")
+    p.add_argument("--out", default=None, help="output directory for results.json and results.md (with --samples)")
     p.add_argument("--fid-weights", default=None, help="path to default_1.pt (FID Inception TorchScript)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=50)
@@ -53,9 +57,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(uint8 images [N,1,28,28], labels or None, protocol dict) from a samples.npz, checked."""
-    path = Path(path)
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """(images, labels or None, protocol JSON text or None) as stored in a samples.npz."""
     if not path.is_file():
         raise DiffquantError(f"samples file not found: {path}")
     try:
@@ -75,64 +78,125 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
         except (ValueError, OSError, EOFError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DiffquantError(f"{path}: cannot read its arrays ({first}); object arrays are never unpickled") from None
+    return images, labels, protocol_text
+
+
+def _read_protocol(path: Path, protocol_text: str | None) -> dict:
+    """The sampler protocol: the npz's own, else ``samples.json`` beside it, else {}."""
     settings_file = path.with_suffix(".json")
     if protocol_text is None and settings_file.is_file():
         protocol_text = settings_file.read_text()
     try:
-        protocol = json.loads(protocol_text) if protocol_text is not None else {}
+        return json.loads(protocol_text) if protocol_text is not None else {}
     except json.JSONDecodeError as e:
         raise DiffquantError(f"{path}: the sampler protocol is not valid JSON ({e})") from None
+
+
+def images_nchw(images: np.ndarray, source: str) -> np.ndarray:
+    """uint8 [N,H,W], [N,1|3,H,W] or [N,H,W,1|3] (N >= 2, H, W >= 2, any size) -> contiguous [N,C,H,W].
+
+    Grey stays one channel: the Inception extractor repeats it to RGB after resizing to 299.
+    """
     if images.dtype != np.uint8:
-        raise DiffquantError(f"{path}: images must be uint8 in [0, 255]; got {images.dtype}")
+        raise DiffquantError(f"{source}: images must be uint8 in [0, 255]; got {images.dtype}")
     original_shape = tuple(int(d) for d in images.shape)
     if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     elif images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 2 or min(images.shape[2:]) < 2:
-        raise DiffquantError(
-            f"{path}: images must be [N,H,W], [N,1|3,H,W] or [N,H,W,1|3] with N >= 2; got {original_shape}"
-        )
+        raise DiffquantError(f"{source}: images must be [N,H,W], [N,1|3,H,W] or [N,H,W,1|3] with N >= 2 "
+                             f"and H, W >= 2; got {original_shape}")
+    return np.ascontiguousarray(images)
+
+
+def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(uint8 images [N,C,H,W] with C 1 or 3 and any H, W, labels or None, protocol dict) from a samples.npz."""
+    path = Path(path)
+    images, labels, protocol_text = _read_npz(path)
+    protocol = _read_protocol(path, protocol_text)
+    images = images_nchw(images, str(path))
     if labels is not None and not np.issubdtype(labels.dtype, np.integer):
         raise DiffquantError(f"{path}: labels must be integers, got {labels.dtype}")
     if labels is not None and labels.shape != (images.shape[0],):
         raise DiffquantError(f"{path}: labels shape {labels.shape} does not match {images.shape[0]} images")
-    return np.ascontiguousarray(images), labels, protocol
+    return images, labels, protocol
+
+
+def check_fidelity_pair(images: np.ndarray, fp_images: np.ndarray) -> None:
+    """MSE/PSNR compare image by image: both sets need the same count, channels and size."""
+    if fp_images.shape != images.shape:
+        raise DiffquantError(f"--fp-samples holds images of shape {tuple(fp_images.shape)} [N,C,H,W], the samples "
+                             f"{tuple(images.shape)}: fidelity needs the same images (count, channels, size) "
+                             "from the same noise")
+
+
+def stats_stem(path: str) -> Path:
+    """``STEM`` of a statistics file given as STEM, STEM.json or STEM.safetensors."""
+    p = Path(path).expanduser()
+    return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+
+
+def _spatial_wanted(metrics: list[str] | None, saving: bool, extractor, reference: str) -> bool:
+    """Spatial (sFID) statistics: when sfid is scored, and in statistics computed here to be saved."""
+    from diffquant.eval.reference import DATASETS, stats_file_stem
+
+    if metrics is None or "sfid" in metrics:
+        return True
+    computed_here = reference in DATASETS or stats_file_stem(Path(reference).expanduser()) is None
+    return saving and computed_here and getattr(extractor, "spatial_available", True)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Score ``--samples`` (or, with only --save-reference-stats, just save the reference statistics)."""
     from diffquant.eval.classify import load_classifier
     from diffquant.eval.inception import InceptionFeatures
     from diffquant.eval.reference import resolve_reference
     from diffquant.eval.report import evaluate_images, metrics_table, write_results
 
-    check_writable_dir(args.out)
-    images, labels, protocol = load_samples(args.samples)
-    fp_images = load_samples(args.fp_samples)[0] if args.fp_samples else None
-    if fp_images is not None and fp_images.shape != images.shape:
-        raise DiffquantError(f"--fp-samples holds images of shape {tuple(fp_images.shape)}, the samples "
-                             f"{tuple(images.shape)}: fidelity needs the same images from the same noise")
+    if args.samples is None and not args.save_reference_stats:
+        raise DiffquantError("evaluate needs --samples (or --save-reference-stats STEM to only save the "
+                             "reference statistics)")
+    if args.samples is not None and args.out is None:
+        raise DiffquantError("evaluate needs --out DIR for results.json and results.md")
+    if args.out is not None:
+        check_writable_dir(args.out)
+    save_stem = stats_stem(args.save_reference_stats) if args.save_reference_stats else None
+    if save_stem is not None:
+        check_writable_dir(save_stem.parent, "--save-reference-stats")
+    images = labels = fp_images = None
+    protocol: dict = {}
+    if args.samples is not None:
+        images, labels, protocol = load_samples(args.samples)
+        fp_images = load_samples(args.fp_samples)[0] if args.fp_samples else None
+        if fp_images is not None:
+            check_fidelity_pair(images, fp_images)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     classifier = load_classifier(args.classifier, args.device) if args.classifier else None
-    inception_needed = metrics is None or bool({"fid", "sfid", "precision", "recall"} & set(metrics))
+    inception_needed = (metrics is None or bool({"fid", "sfid", "precision", "recall"} & set(metrics))
+                        or bool(args.save_reference_stats))
     extractor = reference = None
     if inception_needed:
         extractor = InceptionFeatures(args.fid_weights, device=args.device)
+        spatial = _spatial_wanted(metrics, save_stem is not None, extractor, args.reference)
         reference = resolve_reference(
             args.reference, split=args.ref_split, n=args.ref_n, extractor=extractor, data_dir=args.data_dir,
-            subset_seed=args.ref_seed, spatial=metrics is None or "sfid" in metrics,
+            subset_seed=args.ref_seed, spatial=spatial,
             batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
             cache=not args.no_cache,
         )
-        if args.save_reference_stats:
-            reference.save(args.save_reference_stats)
-            print(f"reference statistics saved to {args.save_reference_stats}.json / .safetensors")
+        if save_stem is not None:
+            reference.save(save_stem)
+            print(f"reference statistics saved to {save_stem}.json and {save_stem}.safetensors")
+    if images is None:
+        return 0
     results = evaluate_images(
         images, labels, reference=reference, extractor=extractor, classifier=classifier, fp_images=fp_images,
         metrics=metrics, device=args.device, batch_size=args.batch_size, protocol=protocol,
         fd_method=args.fd_method, progress=not args.no_progress,
     )
-    results["inputs"] = {"samples": str(args.samples), "fp_samples": args.fp_samples, "classifier": args.classifier}
+    results["inputs"] = {"samples": str(args.samples), "fp_samples": args.fp_samples, "classifier": args.classifier,
+                         "reference": args.reference}
     json_path, md_path = write_results(results, args.out)
     print(metrics_table(results))
     print(f"wrote {json_path} and {md_path}")

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.linalg
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import diffquant
@@ -148,11 +149,18 @@ class ReferenceStats:
         try:
             meta = json.loads(stem.with_suffix(".json").read_text())
             a = load_file(str(stem.with_suffix(".safetensors")))
-        except (OSError, ValueError) as e:
-            raise DiffquantError(f"cannot read reference statistics {stem}: {e}") from None
-        n = int(meta["n"])
-        pool = FeatureStats(a["pool_mu"], a["pool_sigma"], n, a.get("pool_features"))
-        spatial = FeatureStats(a["spatial_mu"], a["spatial_sigma"], n) if "spatial_mu" in a else None
+            n = int(meta["n"])
+            pool = FeatureStats(a["pool_mu"], a["pool_sigma"], n, a.get("pool_features"))
+            spatial = FeatureStats(a["spatial_mu"], a["spatial_sigma"], n) if "spatial_mu" in a else None
+        except KeyError as e:
+            raise DiffquantError(f"reference statistics {stem} lack {e.args[0]!r}; not written by diffquant?") from None
+        except (OSError, ValueError, TypeError, AttributeError, SafetensorError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DiffquantError(f"cannot read reference statistics {stem}: {first}") from None
+        for name, stats in (("pool", pool), ("spatial", spatial)):
+            if stats is not None and (stats.mu.ndim != 1 or stats.sigma.shape != (stats.mu.size,) * 2):
+                raise DiffquantError(f"reference statistics {stem}: {name} mean {stats.mu.shape} and covariance "
+                                     f"{stats.sigma.shape} do not fit together")
         return cls(pool=pool, spatial=spatial, meta=meta)
 
 
@@ -236,13 +244,19 @@ def reference_stats(
     return ref
 
 
-def stats_from_images(images_uint8: Any, extractor: FeatureExtractor, *, spatial: bool = True,
-                      batch_size: int = 50, device: str | torch.device = "cpu", progress: bool = True,
-                      meta: dict | None = None) -> ReferenceStats:
-    """Statistics of any uint8 image set (e.g. a user's own reference folder), not cached."""
-    feats = extractor.extract(images_uint8, batch_size=batch_size, device=device, progress=progress, spatial=spatial)
+def stats_from_features(feats: dict[str, np.ndarray], extractor_identity: dict, *, spatial: bool = True,
+                        meta: dict | None = None) -> ReferenceStats:
+    """Reference statistics from extracted features (pool features kept for precision/recall)."""
     return ReferenceStats(
         pool=FeatureStats.from_features(feats["pool"], keep_features=True),
         spatial=FeatureStats.from_features(feats["spatial"]) if spatial else None,
-        meta=dict(meta or {}, extractor=extractor.identity()),
+        meta=dict(meta or {}, extractor=extractor_identity),
     )
+
+
+def stats_from_images(images_uint8: Any, extractor: FeatureExtractor, *, spatial: bool = True,
+                      batch_size: int = 50, device: str | torch.device = "cpu", progress: bool = True,
+                      meta: dict | None = None) -> ReferenceStats:
+    """Statistics of any uint8 image set of one size, not cached (folders: :mod:`diffquant.eval.reference`)."""
+    feats = extractor.extract(images_uint8, batch_size=batch_size, device=device, progress=progress, spatial=spatial)
+    return stats_from_features(feats, extractor.identity(), spatial=spatial, meta=meta)

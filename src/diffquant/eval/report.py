@@ -190,13 +190,21 @@ def metrics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_reference(ref: dict) -> str:
+    """One line naming a reference set: data set and split, image folder, or statistics file."""
+    where = f"folder {ref.get('folder')}" if ref.get("dataset") == "folder" else (
+        f"{ref.get('dataset')} / {ref.get('split')}")
+    text = f"{where} / n={ref.get('n')} ({ref.get('subset', '')})"
+    return f"{text}, from statistics file {ref['stats_file']}" if ref.get("stats_file") else text
+
+
 def results_markdown(results: dict) -> str:
     """A readable Markdown report: metrics first, then everything that produced them."""
     lines = ["# Evaluation results", "", metrics_table(results)]
     setup = {"samples (N)": results.get("n_samples"), "image shape": results.get("image_shape")}
     ref = results.get("reference")
     if ref:
-        setup["reference"] = f"{ref.get('dataset')} / {ref.get('split')} / n={ref.get('n')} ({ref.get('subset', '')})"
+        setup["reference"] = describe_reference(ref)
         setup["reference key"] = str(ref.get("key", ""))[:16]
     ext = results.get("extractor")
     if ext:

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from ..config import QuantConfig, checked, from_dict
+from ..config import DEFAULT_BLOCK_TYPES, QuantConfig, checked, from_dict
 from ..nn.layers import SUPPORTED, layer_kind
 from ..quant.affine import validate_bits
-from .trace import TraceResult
+from .trace import FROM_X, TraceResult
 
 
 @dataclass
@@ -134,9 +134,11 @@ def make_plan(
                     quantize_input = rule.quantize_input
         if skip:
             continue
-        # the time-embedding MLP's input is the sinusoidal [sin, cos] concatenation, not a skip
-        # concatenation (METHODS.md §1.9): never split it
-        split = trace.splits.get(name) if config.split and "time_embedding" not in roles else None
+        # a time-embedding input is the sinusoidal [sin, cos] concatenation, not a skip concatenation
+        # (METHODS.md §1.9): never split a layer fed by the timestep alone (nor the time MLP)
+        timestep_fed = name in trace.input_flow and not trace.input_flow[name] & FROM_X
+        split = (trace.splits.get(name) if config.split and "time_embedding" not in roles and not timestep_fed
+                 else None)
         if split is not None and getattr(module, "groups", 1) != 1:
             split = None
         layers.append(LayerPlan(name, layer_kind(module), w_bits, a_bits, quantize_input, split, roles))
@@ -149,10 +151,13 @@ def make_plan(
         ]
         attention.sort(key=lambda n: (order.get(n, big), n))
 
-    block_names = [n for n, m in modules.items() if n and type(m).__name__ in config.block_types]
-    found["blocks"] = "names"
-    if not block_names and trace.residual_blocks:
+    if config.block_types:  # the user's class names override the traced structure
+        block_names, found["blocks"] = [n for n, m in modules.items() if n and type(m).__name__ in config.block_types], "names"
+    elif trace.residual_blocks:
         block_names, found["blocks"] = list(trace.residual_blocks), "structure"
+    else:
+        block_names = [n for n, m in modules.items() if n and type(m).__name__ in DEFAULT_BLOCK_TYPES]
+        found["blocks"] = "names" if block_names else "none"
     units = make_units(modules, block_names, [lp.name for lp in layers], attention, order)
     return WrapPlan(layers=layers, attention=attention, units=units, timesteps=timesteps, found=found)
 
@@ -164,8 +169,6 @@ def structural_roles(trace: TraceResult, called: list[str]) -> dict[str, set[str
     whose input comes from the timestep alone (a ResBlock's projection of the time embedding)."""
     if not trace.input_flow:
         return {}
-    from .trace import FROM_X
-
     first = next((n for n in called if trace.input_flow.get(n, 0) & FROM_X), None)
     inside = lambda n: any(n.startswith(b + ".") for b in trace.residual_blocks)  # noqa: E731
     return {"input": {first} if first else set(),
