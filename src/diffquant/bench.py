@@ -357,16 +357,9 @@ def _plots(rows: list[dict], curves: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def _class_list(text: str) -> list[int]:
-    import argparse
-
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_bench_parser(sub) -> None:
+    from .diffusion.sample_cli import class_list
+
     p = sub.add_parser("bench", help="recipes × bit settings on one model, same seeds, one table",
                        description="Runs a matrix of recipes and bit settings on one model with the same seeds and "
                                    "writes results.json, results.md, plots and a comparison grid.")
@@ -390,7 +383,7 @@ def add_bench_parser(sub) -> None:
                    help="one extra row after the recipes × settings matrix (repeatable), e.g. "
                         "--row W4A8 qdiffusion:split=false")
     p.add_argument("--prompts", default=None, help="text-to-image pipeline folders: prompts file (one per line)")
-    p.add_argument("--classes", type=_class_list, default=None, help="class-conditional pipeline folders: labels")
+    p.add_argument("--classes", type=class_list, default=None, help="class-conditional pipeline folders: labels")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of the samples (default: the model's / the pipeline's own)")
     p.add_argument("--reference", default=None,

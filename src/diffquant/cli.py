@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .diffusion.sample_cli import class_list, finite_float
 from .errors import DiffquantError
 from .methods import RECIPES
 
@@ -60,9 +61,9 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--calib-every", type=_positive, default=5, help="use every k-th step (uniform selection)")
     p.add_argument("--prompts", default=None,
                    help="text-to-image pipeline folders: calibration prompts, one per line (default: the shipped set)")
-    p.add_argument("--classes", type=_class_list, default=None,
+    p.add_argument("--classes", type=class_list, default=None,
                    help="class-conditional pipeline folders (DiT): calibration class labels, e.g. 1,2,3")
-    p.add_argument("--guidance", type=_finite_float, default=None,
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="guidance scale of the calibration runs (default: the model's / the pipeline's own)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=_run_quantize)
@@ -106,19 +107,6 @@ def _quantize_pipeline_folder(args, folder) -> int:
     print(f"calibrated pipe.{component} on {rows} recorded denoiser inputs; quantized pipeline saved to {args.out} "
           f"(sample it with: diffquant sample --model {args.out})")
     return 0
-
-
-def _class_list(text: str) -> list[int]:
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _finite_float(text: str) -> float:
-    from .diffusion.sample_cli import finite_float
-
-    return finite_float(text)
 
 
 def add_main_parser(sub) -> None:

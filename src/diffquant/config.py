@@ -70,12 +70,8 @@ def checked(cls):
         check_fields(self)
         if own is not None:
             own(self)
-        else:
-            for base in type(self).__mro__[1:]:
-                inherited = base.__dict__.get("__post_init__")
-                if inherited is not None and base is not cls:
-                    inherited(self)
-                    break
+        elif (inherited := getattr(super(cls, self), "__post_init__", None)) is not None:
+            inherited()
 
     cls.__post_init__ = __post_init__
     return cls

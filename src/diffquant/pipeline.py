@@ -223,8 +223,6 @@ def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_pa
 
     # every argument is checked before any work: configs, the output folder, the work dir
     recipe, recipe_config = resolve_recipe(recipe, recipe_config_path)
-    if hasattr(recipe_config, "check_calibration"):
-        recipe_config.check_calibration(calib.steps)
     quant = build_quant_config(wbits, abits, config_path, split)
     check_writable_dir(out)
     work_dir = work_dir or str(Path(out) / "work")

@@ -13,7 +13,6 @@ downloaded.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,9 +21,7 @@ import numpy as np
 import torch
 
 from .errors import DiffquantError
-
-PLAIN_COMPONENTS = {"unet", "scheduler"}
-
+from .zoo.registry import is_full_pipeline
 
 def resolve_model_path(name: str) -> Path | None:
     """A local folder, or the cached snapshot of a hub id ``org/name`` (never downloaded)."""
@@ -40,19 +37,6 @@ def resolve_model_path(name: str) -> Path | None:
             raise DiffquantError(f"{name!r} is neither a local folder nor a hub id in the local Hugging Face "
                                  "cache (diffquant never downloads; fetch it first with huggingface-cli)") from None
     return None
-
-
-def is_full_pipeline(path: Path) -> bool:
-    """A pipeline folder with more than a UNet and a scheduler (a text encoder, VAE, transformer, ...)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        components = {k for k, v in json.loads(index.read_text()).items()
-                      if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
-    except (OSError, ValueError) as exc:
-        raise DiffquantError(f"{index} is not valid JSON ({exc})") from None
-    return bool(components - PLAIN_COMPONENTS)
 
 
 def load_pipeline_folder(path: Path, device="cpu"):

@@ -12,7 +12,7 @@ from diffquant.errors import ConfigError
 from diffquant.fsutil import check_writable_dir
 
 
-def _class_list(text: str) -> list[int]:
+def class_list(text: str) -> list[int]:
     try:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError as err:
@@ -44,7 +44,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None,
                         help="text-to-image pipeline folders: a .txt file with one prompt per line (default: the "
                              "shipped prompt set)")
-    parser.add_argument("--classes", type=_class_list, default=None,
+    parser.add_argument("--classes", type=class_list, default=None,
                         help="comma-separated class labels, cycled over the samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-index", type=int, default=0, help="global index of the first sample")

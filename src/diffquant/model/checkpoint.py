@@ -74,7 +74,7 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
             for name, layer in qmodel.layers().items()
         },
         "attention": {name: {"use_act_quant": p.use_act_quant} for name, p in qmodel.attention_processors().items()},
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "extra": extra or {},
     }
     write_json(out / MANIFEST_FILE, manifest, indent=1)
@@ -183,19 +183,30 @@ def _validate_manifest(manifest: dict, where: Path) -> None:
              f"'tensors.{key}'", "a mapping with a shape (list of sizes) and a dtype name")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _match_tensors(tensors: dict[str, torch.Tensor], want: dict[str, tuple[str, list[int]]], file: Path,
+                   against: str) -> None:
+    """``tensors`` must be exactly the names of ``want`` ({name: (dtype, shape)}), each with its dtype
+    and shape; ``against`` names what ``want`` describes (the manifest, the rebuilt model)."""
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which {against} does not have"
+        raise CheckpointError(f"{file} does not match {against}: it {what}")
+    for key, value in tensors.items():
+        dtype, shape = want[key]
+        if _dtype_name(value.dtype) != dtype or list(value.shape) != list(shape):
+            raise CheckpointError(f"{file}: {key} is {_dtype_name(value.dtype)} {tuple(value.shape)}, {against} "
+                                  f"says {dtype} {tuple(shape)}")
+
+
 def _check_tensor_table(manifest: dict, tensors: dict[str, torch.Tensor], file: Path) -> None:
     """The state file must hold exactly the manifest's tensors, each with its dtype and shape."""
-    table = manifest["tensors"]
-    missing = sorted(set(table) - set(tensors))
-    extra = sorted(set(tensors) - set(table))
-    if missing or extra:
-        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which the manifest does not list"
-        raise CheckpointError(f"{file} does not match its manifest: it {what}")
-    for key, value in tensors.items():
-        dtype = str(value.dtype).replace("torch.", "")
-        if dtype != table[key]["dtype"] or list(value.shape) != table[key]["shape"]:
-            raise CheckpointError(f"{file}: {key} is {dtype} {tuple(value.shape)}, the manifest says "
-                                  f"{table[key]['dtype']} {tuple(table[key]['shape'])}")
+    want = {k: (v["dtype"], v["shape"]) for k, v in manifest["tensors"].items()}
+    _match_tensors(tensors, want, file, "the manifest")
 
 
 def _refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -328,19 +339,8 @@ def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Te
         processors[name].use_act_quant = state["use_act_quant"]
 
     expected = qmodel.quant_state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{path / STATE_FILE} does not match the rebuilt model: {what}")
-    for key, value in tensors.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{key}: saved shape {tuple(value.shape)} differs from the model's {tuple(expected[key].shape)}"
-            )
-        if value.dtype != expected[key].dtype:
-            raise CheckpointError(f"{path / STATE_FILE}: {key} is saved as {value.dtype}, the model keeps it "
-                                  f"as {expected[key].dtype}")
+    _match_tensors(tensors, {k: (_dtype_name(v.dtype), list(v.shape)) for k, v in expected.items()},
+                   path / STATE_FILE, "the rebuilt model")
     device = next(iter(expected.values())).device if expected else None
     qmodel.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
     qmodel.clear_weight_cache()

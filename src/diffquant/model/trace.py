@@ -137,8 +137,8 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
     def make_post_hook(name: str):
         def post(mod, inputs, output):
             call = open_calls.pop()
-            for parent in open_calls:
-                parent["layers"] += call["layers"]
+            if open_calls:  # the parent passes the count on when it returns
+                open_calls[-1]["layers"] += call["layers"]
             if isinstance(mod, SUPPORTED) and open_calls:
                 parent = open_calls[-1]
                 if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in parent["inputs"]:

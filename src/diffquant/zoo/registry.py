@@ -251,6 +251,23 @@ def _load_unet_folder(folder: Path, device: str | torch.device):
     return unet.to(device).eval(), class_name, dict(unet.config)
 
 
+#: components of a pipeline folder that diffquant's own sampler handles (the rest need diffusers)
+PLAIN_COMPONENTS = {"unet", "scheduler"}
+
+
+def is_full_pipeline(path: Path) -> bool:
+    """A pipeline folder with more than a UNet and a scheduler (a text encoder, VAE, transformer, ...)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        components = {k for k, v in json.loads(index.read_text()).items()
+                      if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    except (OSError, ValueError) as exc:
+        raise DiffquantError(f"{index} is not valid JSON ({exc})") from None
+    return bool(components - PLAIN_COMPONENTS)
+
+
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
                           name: str | None = None) -> DiffusionBundle:
     """Load a local diffusers UNet folder (config.json + weights) or pipeline folder.
@@ -267,8 +284,6 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
         raise DiffquantError(f"{folder}: expected a diffusers model folder (config.json + weights)")
 
     if (folder / "model_index.json").is_file():
-        from diffquant.pipeline_folders import is_full_pipeline
-
         if is_full_pipeline(folder):
             raise DiffquantError(f"{folder} is a full diffusers pipeline (text encoder, VAE or transformer): "
                                  "`quantize`, `sample` and `bench` run it through diffusers; this command does not yet")
