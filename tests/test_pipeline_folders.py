@@ -79,8 +79,8 @@ def test_wrong_conditioning_and_unsupported_commands_are_one_line(sd_folder, tmp
     code, _, err = run(["quantize", "--model", str(sd_folder), "--classes", "1,2", "--out", str(tmp_path / "q")],
                        capsys)
     assert code == 2 and "--prompts" in err and "Traceback" not in err
-    code, _, err = run(["main", "--model", str(sd_folder), "--no-fid", "--out", str(tmp_path / "m")], capsys)
-    assert code == 2 and "full diffusers pipeline" in err
+    code, _, err = run(["main", "--prompts", "p.txt", "--no-fid", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "full diffusers pipeline" in err  # the default model takes no prompts
     code, _, err = run(["bench", "--model", str(sd_folder), "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "--reference" in err  # FID of a pipeline folder needs a reference set
     code, _, err = run(["quantize", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "q")], capsys)
@@ -140,3 +140,22 @@ def test_bench_on_a_pipeline_folder_compares_recipes_from_the_same_prompts(sd_fo
     # fidelity to the float images from the same prompts and seeds: W4 is further away than W8
     assert rows[("naive", "W4A8")]["mse"] > rows[("naive", "W8A8")]["mse"] > 0
     assert (tmp_path / "b" / "results.md").read_text().count("| naive |") == 2
+
+
+def test_main_on_a_pipeline_folder_samples_every_setting_from_the_same_prompts(sd_folder, tmp_path, capsys,
+                                                                              monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na red apple\n")
+    code, out, err = run(["main", "--model", str(sd_folder), "--bits", "W8A8", "W4A8", "--n", "2", "--steps", "2",
+                          "--calib-n", "2", "--prompts", str(prompts), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    assert "FID skipped" in out and "| fp32 |" in out  # no reference given: fidelity only
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    rows = {r["setting"]: r for r in results["rows"]}
+    assert list(rows) == ["W32A32", "W8A8", "W4A8"]
+    assert 0 < rows["W8A8"]["mse"] < rows["W4A8"]["mse"]  # same prompts and seeds: W4 is further from float
+    grid = Image.open(tmp_path / "m" / "comparison.png")
+    assert grid.size[1] == 3 * (16 + 2) + 2 and grid.size[0] > 2 * (16 + 2)  # a labelled row per setting

@@ -25,6 +25,11 @@ from .calib.conditioning import Conditioning, conditioned_call  # noqa: E402
 from .calib.pipeline_capture import PipelineCalibration, capture_pipeline, read_prompts, record_calls  # noqa: E402
 from .pipeline import apply_recipe  # noqa: E402
 
+# A pipeline saved with a QuantModel component names it ["diffquant", "QuantModel"] in
+# model_index.json; diffusers loads such a component by looking up its base classes by name in
+# the library module, so the base class diffquant's component derives from is reachable here.
+from diffusers import ModelMixin  # noqa: E402,F401
+
 __all__ = [
     "CheckpointError", "ConfigError", "Conditioning", "DMQConfig", "DiffquantError", "EDADMConfig",
     "EfficientDMConfig", "LayerRule", "MPQDMConfig", "NaiveConfig", "QDiffusionConfig",

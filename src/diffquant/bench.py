@@ -77,7 +77,7 @@ def model_size_mb(qmodel) -> float:
             if bits:
                 quantized[f"{name}.weight"] = float(np.mean(bits))
     total = 0.0
-    for key, value in qmodel.model.state_dict().items():
+    for key, value in qmodel.denoiser_state_dict().items():
         if key not in set(qmodel.float_keys):
             continue
         total += value.numel() * quantized.get(key, 32) / 8

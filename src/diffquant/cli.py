@@ -120,14 +120,34 @@ def add_main_parser(sub) -> None:
     p.add_argument("--recipe", default="naive")
     p.add_argument("--no-fid", action="store_true", help="skip FID (needs the Inception weights)")
     p.add_argument("--out", default="runs/main", help="output directory")
+    p.add_argument("--calib-n", type=_positive, default=64,
+                   help="calibration trajectories (pipeline folders: calibration prompts/labels)")
+    p.add_argument("--calib-every", type=_positive, default=5, help="calibrate on every k-th sampler step")
+    p.add_argument("--prompts", default=None,
+                   help="text-to-image pipeline folders: prompts to sample, one per line (default: the shipped set)")
+    p.add_argument("--classes", type=class_list, default=None,
+                   help="class-conditional pipeline folders: class labels to sample, e.g. 1,207,360")
+    p.add_argument("--reference", default=None,
+                   help="pipeline folders: FID reference, a folder of images or a statistics file (.npz)")
     p.set_defaults(handler=_run_main)
 
 
 def _run_main(args) -> int:
     from .pipeline import main_job
+    from .pipeline_folders import main_pipeline_folder, pipeline_folder_or_none
 
+    folder = pipeline_folder_or_none(args.model)
+    if folder is not None:  # a full diffusers pipeline: sampled through diffusers
+        main_pipeline_folder(folder, n=args.n, steps=args.steps, settings=args.bits, recipe=args.recipe,
+                             fid=not args.no_fid, out=args.out, prompts=args.prompts, classes=args.classes,
+                             reference=args.reference, calib_n=args.calib_n, calib_every=args.calib_every,
+                             device=args.device)
+        return 0
+    if args.prompts is not None or args.classes is not None or args.reference is not None:
+        raise DiffquantError("--prompts, --classes and --reference apply to full diffusers pipeline folders")
     main_job(model=args.model, n=args.n, steps=args.steps, settings=args.bits, recipe=args.recipe,
-             fid=not args.no_fid, out=args.out, assets=args.assets, device=args.device)
+             fid=not args.no_fid, out=args.out, assets=args.assets, device=args.device, calib_n=args.calib_n,
+             calib_every=args.calib_every)
     return 0
 
 

@@ -23,18 +23,6 @@ from .quant.ranges import validate_policy
 
 LAYER_MODES = ("quantize", "8bit", "fp")
 
-#: Name globs of the time-embedding MLP in the model families diffquant knows (the families disagree
-#: on where it ends — a DiT's per-block embedders, mnist-convunet's per-level MLPs — so names lead and
-#: the traced graph is the fallback, see ``QuantConfig.time_embedding_patterns``).
-DEFAULT_TIME_EMBEDDING_PATTERNS = [
-    "time_embedding.*",  # diffusers UNets
-    "time_embed.*",  # CompVis / openaimodel
-    "pe_linear.*",  # mnist-resunet
-    "te*",  # mnist-convunet (te1.0, te_mid.2, ...)
-    "*.timestep_embedder.*",  # diffusers DiT-style transformers
-    "*.emb.timestep_embedder.*",
-]
-
 #: Module class names of reconstruction blocks (METHODS.md §1.6) in the families diffquant knows:
 #: used only where the traced graph finds no residual block (see ``QuantConfig.block_types``).
 DEFAULT_BLOCK_TYPES = ["ResnetBlock2D", "BasicTransformerBlock", "Attention", "ResBlock", "AttnBlock", "ResnetBlock"]
@@ -249,9 +237,9 @@ class QuantConfig:
     first_last: str = "quantize"
     #: the time-embedding MLP: quantize | 8bit | fp
     time_embedding: str = "quantize"
-    #: name globs of the time-embedding MLP (the families diffquant knows); where none matches, the
-    #: traced graph's layers fed by the timestep alone outside residual blocks
-    time_embedding_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_TIME_EMBEDDING_PATTERNS))
+    #: name globs of the time-embedding MLP, overriding the traced graph (empty, the default: the
+    #: layers fed by the timestep alone that do not project straight into a block's features)
+    time_embedding_patterns: list[str] = field(default_factory=list)
     rules: list[LayerRule] = field(default_factory=list)
     #: class names of reconstruction blocks; empty (default): the residual blocks of the traced graph
     #: (the known families' class names as a fallback)

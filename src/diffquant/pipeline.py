@@ -118,10 +118,10 @@ def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig,
     t0 = time.perf_counter()
     guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
     select = getattr(config, "select_calibration", None)
-    capture = config.capture_options(bundle.unet) if hasattr(config, "capture_options") else None
+    args, kwargs = bundle.example_inputs(2, device=device)
+    capture = config.capture_options(bundle.unet, (args, kwargs)) if hasattr(config, "capture_options") else None
     calib_set = calibration_batches(bundle, calib, device, cache_dir, select=select, capture_options=capture)
     t1 = time.perf_counter()
-    args, kwargs = bundle.example_inputs(2, device=device)
     qmodel = quantize(bundle.unet, quant, (args, kwargs))
     recipe_set = calib_set.with_uncond() if bundle.is_conditional and guidance != 1.0 else calib_set
     extra = recipe_inputs(run, calib_set=recipe_set, call=bundle.predict_noise, fp_model=bundle.unet,
@@ -287,7 +287,7 @@ def parse_setting(tag: str) -> tuple[int, int]:
 
 
 def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str, fid: bool, out: str,
-             assets=None, device="cpu") -> dict:
+             assets=None, device="cpu", calib_n: int = CalibConfig.n, calib_every: int = CalibConfig.every) -> dict:
     """Quantize ``model`` at each setting, sample the same seeds as FP, print a table, write grids."""
     from .diffusion.grid import save_grid
     from .diffusion.sampling import sample, save_samples
@@ -307,7 +307,7 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     rows = [{"setting": "FP32", "recipe": "-", **_quality(fp, bundle, fid, device, assets)}]
     per_row = min(10, n)
     grids = [fp.images[:per_row]]
-    calib = CalibConfig(steps=steps)
+    calib = CalibConfig(n=calib_n, steps=steps, every=calib_every)
     for tag, wbits, abits in parsed:
         print(f"[diffquant] {tag}: calibrating ({recipe})")
         quant = build_quant_config(wbits, abits, None, split=False)

@@ -156,12 +156,14 @@ def pipeline_folder_or_none(model: str) -> Path | None:
 def bench_pipeline_folder(path: Path, *, rows: list[tuple[str, str, object, str, int, int]], n: int, steps: int,
                           calib_n: int, calib_every: int, prompts: str | None, classes: Sequence[int] | None,
                           guidance: float | None, reference: str | None, metrics: Sequence[str], out: str,
-                          device="cpu", seed: int = 0, calib_seed: int = 10_000, fd_method: str = "sqrtm") -> dict:
+                          device="cpu", seed: int = 0, calib_seed: int = 10_000, fd_method: str = "sqrtm",
+                          on_images=None) -> dict:
     """``bench`` on a full pipeline folder: ``rows`` = (spec, recipe name, recipe config, setting tag,
     weight bits, activation bits). Float and every row sample the same
     prompts or labels from the same seeds through diffusers; fidelity to the float images (MSE,
     PSNR) always, FID/sFID/precision/recall against ``reference`` (a folder of images or a
-    statistics file) when given. Writes ``results.json`` and ``results.md`` after every row."""
+    statistics file) when given. Writes ``results.json`` and ``results.md`` after every row.
+    ``on_images(tag, images)`` receives each row's uint8 [N, H, W, C] samples (``W32A32`` first)."""
     import time
 
     from .bench import format_cell, peak_rss_mb
@@ -204,6 +206,8 @@ def bench_pipeline_folder(path: Path, *, rows: list[tuple[str, str, object, str,
 
     t0 = time.perf_counter()
     fp_images = sample_images()
+    if on_images is not None:
+        on_images("W32A32", fp_images)
     table = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp_images), "calib_s": 0.0,
               "sample_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}]
     calls = _conditioning_calls(pipe, calib_n, prompts, classes, per_call=min(calib_n, 4))
@@ -239,7 +243,40 @@ def bench_pipeline_folder(path: Path, *, rows: list[tuple[str, str, object, str,
         images = sample_images()
         sample_s = time.perf_counter() - t0
         setattr(pipe, name, float_denoiser)
+        if on_images is not None:
+            on_images(tag, images)
         table.append({"recipe": spec, "setting": tag, **evaluate(images, fp_images), "calib_s": round(calib_s, 1),
                       "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
         write()
     return write()
+
+
+def main_pipeline_folder(path: Path, *, n: int, steps: int, settings: Sequence[str], recipe: str, fid: bool,
+                         out: str, prompts: str | None, classes: Sequence[int] | None, reference: str | None,
+                         calib_n: int = 64, calib_every: int = 5, device="cpu") -> dict:
+    """``diffquant main`` on a full pipeline folder: ``recipe`` (a name or ``NAME:key=value`` spec)
+    at every setting, sampled through diffusers from the same prompts/labels and seeds as float;
+    fidelity to the float images always, FID against ``reference`` when given (and ``fid``); a
+    table, ``results.json`` and a labelled image grid (one row per setting, same seed per column)."""
+    from .diffusion.grid import save_labelled_grid
+    from .fsutil import check_writable_dir
+    from .pipeline import parse_recipe_spec, parse_setting
+
+    parsed = [(s.upper(), *parse_setting(s)) for s in settings]  # bad settings fail before any work
+    name, config = parse_recipe_spec(recipe)
+    out_dir = check_writable_dir(out)
+    if fid and reference is None:
+        print("[diffquant] no --reference given: FID skipped (fidelity to the float images only)")
+    metrics = ["fid"] if fid and reference is not None else []
+    per_row = min(8, n)
+    shown: dict[str, np.ndarray] = {}
+    results = bench_pipeline_folder(path, rows=[(recipe, name, config, tag, w, a) for tag, w, a in parsed], n=n,
+                                    steps=steps, calib_n=calib_n, calib_every=min(calib_every, steps), prompts=prompts, classes=classes,
+                                    guidance=None, reference=reference if metrics else None, metrics=metrics,
+                                    out=str(out_dir), device=device,
+                                    on_images=lambda tag, images: shown.__setitem__(tag, images[:per_row]))
+    grid = save_labelled_grid(out_dir / "comparison.png", list(shown.items()))
+    results["grid"] = str(grid)
+    print((out_dir / "results.md").read_text())
+    print(f"image grid (rows: {', '.join(shown)}; same seed per column): {grid}")
+    return results

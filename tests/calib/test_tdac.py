@@ -178,10 +178,12 @@ def bundle(make_unet):
 def test_default_feature_layers(bundle):
     from diffquant.zoo.mnist_resunet import MnistResUNet
 
+    # found from the traced graph: the official code's hook points, whatever the modules are called
     assert default_feature_layer(bundle.unet) == "mid_block.attentions.0"
-    assert default_feature_layer(MnistResUNet()) == "mid.res_block2"
+    zoo_inputs = ((torch.randn(2, 1, 28, 28), torch.tensor([5, 5])), {})
+    assert default_feature_layer(MnistResUNet().eval(), zoo_inputs) == "mid.res_block2"
     with pytest.raises(ConfigError, match="no TDAC feature layer"):
-        default_feature_layer(torch.nn.Linear(2, 2))
+        default_feature_layer(torch.nn.Linear(2, 2), ((torch.randn(1, 2),), {}))
     with pytest.raises(ConfigError, match="not a module"):
         feature_hooks(bundle.unet, "nope")
 

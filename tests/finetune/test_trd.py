@@ -87,20 +87,24 @@ def test_default_feature_module_is_the_block_before_the_output_head(make_unet, u
     from diffquant.zoo.mnist_resunet import MnistResUNet
 
     unet = make_unet()
-    assert default_feature_module(unet) == "up_blocks.1"
+    assert default_feature_module(unet) == "up_blocks.1"  # found from the traced graph
     res, conv = MnistResUNet().eval(), MnistConvUNet().eval()
-    assert default_feature_module(res) == "decoders.2.1"
-    assert default_feature_module(conv) == "b_out"
+    zoo_inputs = ((torch.randn(2, 1, 28, 28), torch.tensor([5, 5])), {})
+    assert default_feature_module(res, zoo_inputs) == "decoders.2.1"
+    assert default_feature_module(conv, zoo_inputs) == "b_out"  # a network without residual additions
+    from diffquant.model import quantize
+
+    assert default_feature_module(quantize(res, example_inputs=zoo_inputs)) == "decoders.2.1"  # from the plan
     # the hooked output has exactly the channels conv_out consumes
     args, kwargs = unet_inputs(2)
     cases = [(unet, args, kwargs), (res, (torch.randn(2, 1, 28, 28), torch.tensor([5, 5])), {}),
              (conv, (torch.randn(2, 1, 28, 28), torch.tensor([5, 5])), {})]
     for model, a, kw in cases:
-        hook = FeatureHook(model.get_submodule(default_feature_module(model)))
+        hook = FeatureHook(model.get_submodule(default_feature_module(model, (a, kw))))
         with torch.no_grad():
             model(*a, **kw)
         feat = hook.pop()
         hook.remove()
         assert feat.shape[1] == model.conv_out.in_channels and feat.shape[0] == 2
     with pytest.raises(ConfigError):
-        default_feature_module(torch.nn.Linear(2, 2))
+        default_feature_module(torch.nn.Linear(2, 2), ((torch.randn(1, 2),), {}))

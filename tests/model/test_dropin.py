@@ -3,8 +3,11 @@ assigned, passed to ``from_pretrained``, run end to end, saved and reloaded bit-
 per-timestep rows selected by the model itself whoever calls it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 import diffquant
 from diffquant import QuantConfig
@@ -35,6 +38,7 @@ def ddim_setup(tmp_path):
             dict(batch_size=2, num_inference_steps=STEPS, output_type="np"))
 
 
+LOAD_KWARGS = {"sd": dict(safety_checker=None, requires_safety_checker=False), "dit": {}, "ddim": {}}
 SETUPS = {"sd": sd_setup, "dit": dit_setup, "ddim": ddim_setup}
 RECIPES = {
     "naive": None,
@@ -63,8 +67,17 @@ def test_quantized_denoiser_runs_inside_the_pipeline(kind, recipe, tmp_path):
     assert qmodel.config == float_model.config and qmodel.dtype == float_model.dtype
     assert qmodel.device == float_model.device and qmodel.quant_config.weight_bits == 4
     assert isinstance(qmodel.denoiser, type(float_model))
+    assert qmodel.config is qmodel.denoiser.config  # one config: a pipeline that rewrites it rewrites the denoiser's
     setattr(pipe, attr, qmodel)
     quantized = images(pipe, run)
+    # diffusers' own save and load keep the quantization: the component is recorded as diffquant's
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index[attr] == ["diffquant", "QuantModel"]
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "saved", **LOAD_KWARGS[kind])
+    assert type(reloaded) is type(pipe) and isinstance(getattr(reloaded, attr), diffquant.QuantModel)
+    assert getattr(reloaded, attr).recipe == qmodel.recipe
+    assert (images(reloaded, run) == quantized).all()
     setattr(pipe, attr, qmodel.denoiser)  # the bare denoiser object works just the same
     assert (images(pipe, run) == quantized).all()
     assert quantized.shape == reference.shape and (quantized != reference).any()
@@ -82,11 +95,33 @@ def test_from_pretrained_accepts_the_quantized_denoiser(tmp_path):
     pipe.save_pretrained(tmp_path / "float")
     qmodel = diffquant.apply_recipe(pipe.unet, diffquant.capture_pipeline(pipe, progress=False, **capture), "naive",
                                     QuantConfig(weight_bits=4))
-    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "float", unet=qmodel.denoiser,
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "float", unet=qmodel,
                                                        safety_checker=None, requires_safety_checker=False)
-    assert reloaded.unet is qmodel.denoiser
+    assert reloaded.unet is qmodel
+    bare = StableDiffusionPipeline.from_pretrained(tmp_path / "float", unet=qmodel.denoiser,
+                                                   safety_checker=None, requires_safety_checker=False)
+    assert bare.unet is qmodel.denoiser
+    assert (images(reloaded, run) == images(bare, run)).all()
     pipe.unet = qmodel
     assert (images(reloaded, run) == images(pipe, run)).all()
+
+
+def test_saving_the_bare_quantized_denoiser_warns_in_one_line(tmp_path):
+    pipe, attr, capture, run = ddim_setup(tmp_path)
+    qmodel = diffquant.apply_recipe(pipe.unet, diffquant.capture_pipeline(pipe, progress=False, **capture), "naive")
+    pipe.unet = qmodel.denoiser
+    with pytest.warns(UserWarning, match=r"pipe.unet = qmodel") as caught:
+        pipe.save_pretrained(tmp_path / "bare")
+    assert all("\n" not in str(w.message) for w in caught)
+    # through the wrapper (save, pipeline save, the library's own reads) nothing is said
+    pipe.unet = qmodel
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="diffquant: the state dict")
+        pipe.save_pretrained(tmp_path / "wrapped")
+        diffquant.save(qmodel, tmp_path / "ckpt")
+        diffquant.save_pipeline(pipe, tmp_path / "plain")
 
 
 def test_per_timestep_rows_are_chosen_by_the_model_under_any_caller(tmp_path):

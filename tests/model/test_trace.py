@@ -240,39 +240,134 @@ def test_names_stay_the_override_and_a_typo_in_a_glob_is_one_warning():
     assert {lp.name for lp in qmodel.plan.layers if "time_embedding" in lp.roles} == {"stage.0.cond", "stage.1.cond"}
 
 
-def test_zoo_architectures_find_the_same_blocks_by_structure_as_by_name(any_tiny_model):
-    from diffquant.config import DEFAULT_BLOCK_TYPES
+#: the name lists diffquant used before roles and feature points came from the traced graph
+OLD_TIME_EMBEDDING_GLOBS = ["time_embedding.*", "time_embed.*", "pe_linear.*", "te*", "*.timestep_embedder.*",
+                            "*.emb.timestep_embedder.*"]
+OLD_TDAC_LAYERS = ["mid_block.attentions.0", "mid.attn_1", "middle_block.1", "mid_block.resnets.1",
+                   "mid.res_block2", "b_mid.1"]
+OLD_TRD_MODULES = {"unet": "up_blocks.1", "cond_unet": "up_blocks.1", "dit": "transformer_blocks.1",
+                   "default": "up_blocks.2", "mnist-resunet": "decoders.2.1", "mnist-convunet": "b_out",
+                   "pixart": "transformer_blocks.1"}
+
+
+def _same_as_the_old_names(model, inputs, key):
+    import copy
+    import fnmatch
+
+    from diffquant.config import DEFAULT_BLOCK_TYPES, QuantConfig
+    from diffquant.model import quantize
+
+    trace = trace_model(model, *inputs)
+    modules = dict(model.named_modules())
+    named = [n for n, m in modules.items() if n and type(m).__name__ in DEFAULT_BLOCK_TYPES]
+    outer = [n for n in named if not any(n.startswith(o + ".") for o in named if o != n)]
+    assert sorted(trace.residual_blocks) == sorted(outer)  # (mnist-convunet has none either way)
+    structural = quantize(copy.deepcopy(model), QuantConfig(), inputs)
+    by_name = quantize(copy.deepcopy(model), QuantConfig(time_embedding_patterns=OLD_TIME_EMBEDDING_GLOBS), inputs)
+    roles = lambda q, r: {lp.name for lp in q.plan.layers if r in lp.roles}  # noqa: E731
+    assert structural.plan.found["time_embedding"] == "structure" and by_name.plan.found["time_embedding"] == "names"
+    assert roles(structural, "time_embedding") == roles(by_name, "time_embedding") != set()
+    assert all(not fnmatch.fnmatchcase(n, "*time_emb_proj") for n in roles(structural, "time_embedding"))
+    old_tdac = next((n for n in OLD_TDAC_LAYERS if n in modules), None)
+    features = structural.plan.features
+    if old_tdac is not None:
+        assert features["middle"] == old_tdac
+    assert features["last_block"] == OLD_TRD_MODULES[key]
+
+
+def test_tiny_diffusers_models_get_the_old_names_answers_from_the_graph(any_tiny_model, request):
     from diffquant.model.adapters import example_inputs_for
 
     model = any_tiny_model()
-    trace = trace_model(model, *example_inputs_for(model))
-    named = sorted((n for n, m in model.named_modules() if type(m).__name__ in DEFAULT_BLOCK_TYPES),
-                   key=lambda n: (n.count("."), n))
-    outer = [n for n in named if not any(n.startswith(o + ".") for o in named if o != n)]
-    assert sorted(trace.residual_blocks) == sorted(outer)
+    key = request.node.callspec.params["any_tiny_model"]
+    _same_as_the_old_names(model, example_inputs_for(model), key)
+
+
+def test_a_pixart_transformer_gets_the_old_names_answers_from_the_graph():
+    """PixArt's shared adaLN: linear_2 feeds adaln_single.linear and is also used directly."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                     caption_channels=12, norm_num_groups=4).eval()
+    inputs = ((torch.randn(2, 4, 8, 8),), dict(timestep=torch.tensor([10, 10]), encoder_hidden_states=torch.randn(2, 5, 12),
+                                              added_cond_kwargs={"resolution": None, "aspect_ratio": None}))
+    _same_as_the_old_names(model, inputs, "pixart")
 
 
 @pytest.mark.parametrize("name", ["default", "mnist-resunet", "mnist-convunet"])
-def test_the_zoo_models_get_the_same_blocks_and_time_path_from_the_graph_as_from_names(name):
-    """Blocks are found structurally by default; on the models the recipes were measured on, that
-    is exactly the old name list's answer (so their results stay bit-identical)."""
-    import fnmatch
-
-    from diffquant.config import DEFAULT_BLOCK_TYPES, DEFAULT_TIME_EMBEDDING_PATTERNS
+def test_the_zoo_models_get_the_same_blocks_time_path_and_features_from_the_graph_as_from_names(name):
+    """Blocks, the time-embedding MLP and TDAC/TRD's feature modules are found structurally; on the
+    models the recipes were measured on, that is exactly the old name lists' answer (so their
+    results stay bit-identical)."""
     from diffquant.errors import DiffquantError
-    from diffquant.nn.layers import SUPPORTED
     from diffquant.zoo.registry import load_model
 
     try:
         bundle = load_model(name)
     except DiffquantError as exc:
         pytest.skip(str(exc))
-    trace = trace_model(bundle.unet, *bundle.example_inputs(2))
-    modules = dict(bundle.unet.named_modules())
-    named = [n for n, m in modules.items() if n and type(m).__name__ in DEFAULT_BLOCK_TYPES]
-    outer = [n for n in named if not any(n.startswith(o + ".") for o in named if o != n)]
-    assert sorted(trace.residual_blocks) == sorted(outer)  # (mnist-convunet has none either way)
-    inside = lambda n: any(n.startswith(b + ".") for b in trace.residual_blocks)  # noqa: E731
-    time_names = {n for n, m in modules.items() if isinstance(m, SUPPORTED)
-                  and any(fnmatch.fnmatchcase(n, p) for p in DEFAULT_TIME_EMBEDDING_PATTERNS)}
-    assert {n for n in trace.timestep_only_layers() if not inside(n)} == time_names
+    _same_as_the_old_names(bundle.unet, bundle.example_inputs(2), name)
+
+
+class _Stage(torch.nn.Module):
+    """A residual block class no name list knows."""
+
+    def __init__(self, c: int, e: int):
+        super().__init__()
+        self.one, self.two = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+        self.film = torch.nn.Linear(e, c)
+
+    def forward(self, h, emb):
+        return h + self.two(torch.relu(self.one(h) * (1 + self.film(emb)[:, :, None, None])))
+
+
+class _UnseenUNet(torch.nn.Module):
+    """Encoder–bottleneck–decoder with a skip concatenation, all names unknown to diffquant."""
+
+    def __init__(self, c: int = 8, e: int = 16):
+        super().__init__()
+        self.e = e
+        self.clock = torch.nn.Sequential(torch.nn.Linear(e, e), torch.nn.GELU(), torch.nn.Linear(e, e))
+        self.entry = torch.nn.Conv2d(1, c, 3, padding=1)
+        self.enc = _Stage(c, e)
+        self.shrink = torch.nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.neck = torch.nn.ModuleList([_Stage(c, e), _Stage(c, e), _Stage(c, e)])
+        self.merge = torch.nn.Conv2d(2 * c, c, 1)
+        self.dec = _Stage(c, e)
+        self.exit = torch.nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        freqs = torch.exp(-torch.arange(self.e // 2, dtype=torch.float32) / (self.e // 2))
+        angles = t.float()[:, None] * freqs[None]
+        emb = self.clock(torch.cat([angles.sin(), angles.cos()], dim=1))
+        skip = self.enc(self.entry(x), emb)
+        h = self.shrink(skip)
+        for stage in self.neck:
+            h = stage(h, emb)
+        h = torch.nn.functional.interpolate(h, scale_factor=2.0)
+        h = self.dec(self.merge(torch.cat([h, skip], dim=1)), emb)
+        return self.exit(h)
+
+
+def test_an_unseen_unet_gets_its_middle_last_block_and_time_path_from_the_graph():
+    from diffquant.config import QuantConfig
+    from diffquant.model import quantize
+
+    inputs = ((torch.randn(2, 1, 8, 8), torch.tensor([10, 10])), {})
+    trace = trace_model(_UnseenUNet().eval(), *inputs)
+    assert trace.outer_blocks == ["enc", "neck.0", "neck.1", "neck.2", "dec"]
+    assert trace.middle_blocks == ["neck.0", "neck.1", "neck.2"]  # between the skip's making and its use
+    qmodel = quantize(_UnseenUNet().eval(), QuantConfig(), inputs)
+    assert qmodel.plan.features == {"middle": "neck.1", "last_block": "dec"}
+    roles = {lp.name: lp.roles for lp in qmodel.plan.layers}
+    assert {n for n, r in roles.items() if "time_embedding" in r} == {"clock.0", "clock.2"}
+    assert {n for n, r in roles.items() if "time_projection" in r} == {f"{b}.film" for b in trace.outer_blocks}
+    assert "TDAC feature neck.1" in qmodel.summary()
+    # what TDAC and TRD hook by default
+    from diffquant.calib.tdac import default_feature_layer
+    from diffquant.finetune.trd import default_feature_module
+
+    assert default_feature_layer(_UnseenUNet().eval(), inputs) == "neck.1"
+    assert default_feature_module(qmodel) == "dec"

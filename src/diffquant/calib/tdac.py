@@ -19,12 +19,14 @@ official ``nn.CosineSimilarity(dim=1, eps=1e-6)``).
 Deviations from the official code, where it is undefined: a constant score vector normalises to
 zeros (the code divides 0 by 0), and all-zero weights fall back to uniform weights.
 
-Feature layer (``layer="auto"``, :func:`default_feature_layer`): the first of
-:data:`FEATURE_LAYERS` the model has. Each is the input of the module that follows the first
-ResBlock of the middle block — the attention where there is one (diffusers
-``mid_block.attentions.0``, DDIM ``mid.attn_1``, CompVis ``middle_block.1``, as the official
-code), the second mid ResBlock where there is none (``mid_block.resnets.1``, mnist-resunet
-``mid.res_block2``, mnist-convunet ``b_mid.1``): the same position in the network.
+Feature layer (``layer="auto"``, :func:`default_feature_layer`): found from the traced graph
+(:meth:`~diffquant.model.trace.TraceResult.middle_feature_module`): the input of the block that
+follows the first block of the network's middle — the outer residual blocks that run after the
+last skip tensor is produced and before the first is consumed, at the lowest resolution. That is
+the mid-block attention where there is one (diffusers ``mid_block.attentions.0``, DDIM
+``mid.attn_1``, CompVis ``middle_block.1``, as the official code) and the second mid ResBlock
+where there is none, whatever the modules are called; a model without skip connections (a DiT)
+uses the block halfway through. ``layer=NAME`` overrides it.
 """
 from __future__ import annotations
 
@@ -44,15 +46,6 @@ from diffquant.jsonio import write_json
 
 log = logging.getLogger("diffquant.calib")
 
-#: hook points tried by ``layer="auto"``, in order (see the module docstring)
-FEATURE_LAYERS = (
-    "mid_block.attentions.0",
-    "mid.attn_1",
-    "middle_block.1",
-    "mid_block.resnets.1",
-    "mid.res_block2",
-    "b_mid.1",
-)
 #: eps of the channel-wise cosine similarity (official ``nn.CosineSimilarity(dim=1, eps=1e-6)``)
 COS_EPS = 1e-6
 #: float64 values per chunk of the Gram accumulation ([K, positions, C] slices)
@@ -60,19 +53,22 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------------------------- features
-def default_feature_layer(model: nn.Module) -> str:
-    """The first name of :data:`FEATURE_LAYERS` that is a submodule of ``model``."""
-    names = {name for name, _ in model.named_modules()}
-    for name in FEATURE_LAYERS:
-        if name in names:
-            return name
-    raise ConfigError(f"no TDAC feature layer found in {type(model).__name__} (tried {', '.join(FEATURE_LAYERS)}); "
-                      "set EDADMConfig.tdac_feature_layer (recipe option tdac_feature_layer=MODULE_NAME)")
+def default_feature_layer(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> str:
+    """The TDAC feature module of ``model`` from its traced graph (see the module docstring);
+    ``example_inputs`` = ``(args, kwargs)`` of one call (default: built for diffusers models)."""
+    from diffquant.model.trace import feature_modules
+
+    name = feature_modules(model, example_inputs).get("middle")
+    if name is None:
+        raise ConfigError(f"no TDAC feature layer found in the traced graph of {type(model).__name__} (no blocks); "
+                          "set EDADMConfig.tdac_feature_layer (recipe option tdac_feature_layer=MODULE_NAME)")
+    return name
 
 
-def feature_hooks(model: nn.Module, layer: str = "auto") -> dict[str, nn.Module]:
+def feature_hooks(model: nn.Module, layer: str = "auto",
+                  example_inputs: tuple[tuple, dict] | None = None) -> dict[str, nn.Module]:
     """``{name: module}`` for :func:`~diffquant.calib.capture.capture_trajectories`'s ``feature_hooks``."""
-    name = default_feature_layer(model) if layer == "auto" else layer
+    name = default_feature_layer(model, example_inputs) if layer == "auto" else layer
     try:
         return {name: model.get_submodule(name)}
     except AttributeError:
@@ -80,16 +76,13 @@ def feature_hooks(model: nn.Module, layer: str = "auto") -> dict[str, nn.Module]
 
 
 def cached_feature_layer(cache: TrajectoryCache, layer: str = "auto") -> str:
-    """The feature name to read from ``cache``: ``layer``, or for ``auto`` the hook it holds."""
+    """The feature name to read from ``cache``: ``layer``, or for ``auto`` the one hook it holds."""
     held = [n for n in cache.feature_names if not n.endswith(UNCOND_SUFFIX)]
     if layer != "auto":
         if layer not in held:
             raise ConfigError(f"the trajectory cache holds no features of {layer!r} (has {held or 'none'}); "
                               "capture it with feature_hooks=feature_hooks(unet, layer)")
         return layer
-    for name in FEATURE_LAYERS:
-        if name in held:
-            return name
     if len(held) == 1:
         return held[0]
     raise ConfigError(f"cannot tell the TDAC feature layer among the cached features {held or 'none'}; "
@@ -323,7 +316,6 @@ def select_tdac(cache: TrajectoryCache, n: int, *, batch: int = 64, lam: float =
 
 
 __all__ = [
-    "FEATURE_LAYERS",
     "TDACResult",
     "allocate_counts",
     "assign_steps",

@@ -42,3 +42,28 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(path)
     return path
+
+
+def save_labelled_grid(path: str | os.PathLike, rows: list[tuple[str, np.ndarray]], padding: int = 2) -> Path:
+    """One grid row per ``(label, images [N, H, W, C] uint8)``, the label written left of its row."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("no rows to draw")
+    width = max(len(images) for _, images in rows)
+    h, w, c = rows[0][1].shape[1:]
+    label_w = 8 + 7 * max(len(label) for label, _ in rows)
+    blank = np.zeros((h, w, c), dtype=np.uint8)
+    tiles = np.stack([img for _, images in rows for img in list(images) + [blank] * (width - len(images))])
+    grid = make_grid(tiles, nrow=width, padding=padding)
+    if grid.shape[2] == 1:
+        grid = np.repeat(grid, 3, axis=2)
+    canvas = Image.new("RGB", (grid.shape[1] + label_w, grid.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, _) in enumerate(rows):
+        draw.text((4, padding + i * (h + padding) + max(0, h // 2 - 6)), label, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -65,7 +65,7 @@ def fold_input_scales(qmodel: QuantModel) -> QuantModel:
 def folded_float_state(qmodel: QuantModel) -> dict[str, Tensor]:
     """The float state dict (original key names) of a quantized model — for a folded model the
     weights W·τ its checkpoint must be loaded onto."""
-    state = qmodel.model.state_dict()
+    state = qmodel.denoiser_state_dict()
     return {k: state[k].detach().clone() for k in qmodel.float_keys}
 
 

@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..model.qmodel import QuantModel
-from ..quant.timestep import remove_timestep_hooks
+from ..model.qmodel import QuantModel, remove_wrapper_hooks
 from ..zoo.registry import denoiser_output_tensor
 from .codes import ExportError
 from .prepare import ExportPreparation, prepare_for_export
@@ -171,7 +170,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 def export_model_at_row(qmodel: QuantModel, row: int, mode: str) -> tuple[nn.Module, dict[str, str]]:
     """A float32 deep copy of ``qmodel``'s denoiser with export modules fixed at ``row``."""
     model = copy.deepcopy(qmodel.model).float().cpu().eval()
-    remove_timestep_hooks(model)  # the rows are fixed in this copy
+    remove_wrapper_hooks(model)  # the rows are fixed in this copy
     blockers = {}
     for name in (lp.name for lp in qmodel.plan.layers):
         layer = model.get_submodule(name)
@@ -267,7 +266,7 @@ def export_float_onnx(model: nn.Module, example_inputs, path: str | Path, *, ops
         inner = copy_.model
     else:
         inner = copy.deepcopy(model)
-    remove_timestep_hooks(inner)
+    remove_wrapper_hooks(inner)
     path = Path(path)
     _torch_export(inner.float().cpu().eval(), example_inputs, path, opset)
     return path

@@ -244,7 +244,7 @@ def freeze(qmodel: QuantModel, *, float_dtype: str = "float32") -> PackedModel:
         layers[name] = {"kind": layer.kind, "weight": f"{name}.weight", "split": layer.split,
                         "in_axis": layer.in_axis, "parts": parts}
         packed_weights.add(f"{name}.weight")
-    float_state = qmodel.model.state_dict()
+    float_state = qmodel.denoiser_state_dict()
     for key in qmodel.float_keys:
         if key in packed_weights:
             continue

@@ -367,7 +367,7 @@ def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str],
     if options.trd:
         from .trd import default_feature_module
 
-        feature = options.trd_feature or default_feature_module(fp_model)
+        feature = options.trd_feature or default_feature_module(qmodel)
         try:
             hooks = (FeatureHook(qmodel.model.get_submodule(feature)),
                      FeatureHook(fp_model.get_submodule(feature), detach=True))

@@ -26,29 +26,24 @@ TRD_GRADS = ("current", "window", "none")
 TRD_LOSSES = ("relation_kl", "l2_feature")
 
 
-def default_feature_module(model: nn.Module) -> str:
-    """Name of the last decoder block of the model families diffquant knows.
+def default_feature_module(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> str:
+    """The last block before the output head, found from the traced graph: a quantized model's
+    wrap plan holds it; a float model is traced on ``example_inputs`` (default: built for
+    diffusers models). A UNet's last up block, a DiT's last transformer block, whatever the
+    modules are called (see :meth:`~diffquant.model.trace.TraceResult.last_block`)."""
+    from ..model.qmodel import QuantModel
+    from ..model.trace import feature_modules
 
-    diffusers UNets: ``up_blocks.<last>``; DiT/PixArt transformers: ``transformer_blocks.<last>``; CompVis openaimodel: ``output_blocks.<last>``;
-    mnist-resunet: ``decoders.<last>.<last>``; mnist-convunet: ``b_out``.
-    """
-    if hasattr(model, "model") and isinstance(getattr(model, "model"), nn.Module) and \
-            type(model).__name__ == "QuantModel":
+    if isinstance(model, QuantModel):
+        name = model.plan.features.get("last_block")
+        if name is not None:
+            return name
         model = model.model
-    for attr in ("up_blocks", "output_blocks", "transformer_blocks"):
-        blocks = getattr(model, attr, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return f"{attr}.{len(blocks) - 1}"
-    decoders = getattr(model, "decoders", None)
-    if isinstance(decoders, nn.ModuleList) and len(decoders):
-        last = decoders[-1]
-        if isinstance(last, nn.ModuleList) and len(last):
-            return f"decoders.{len(decoders) - 1}.{len(last) - 1}"
-        return f"decoders.{len(decoders) - 1}"
-    if isinstance(getattr(model, "b_out", None), nn.Module):
-        return "b_out"
-    raise ConfigError(f"no default TRD feature module for a {type(model).__name__}; "
-                      "set trd_feature to the name of the last decoder block")
+    name = feature_modules(model, example_inputs).get("last_block")
+    if name is None:
+        raise ConfigError(f"no TRD feature module found in the traced graph of {type(model).__name__} (no blocks); "
+                          "set trd_feature to the name of the last decoder block")
+    return name
 
 
 class FeatureHook:

@@ -92,7 +92,7 @@ class EDADMConfig:
     #: r: density radius on the feature MSE (``dense_r``); its scale depends on the model's features
     #: (on mnist-resunet every step pair is within MSE 0.77, so r = 3 gives constant density and a warning)
     tdac_radius: float = 3.0
-    #: feature hook: a module name, or auto (calib.tdac.default_feature_layer)
+    #: feature hook: a module name, or auto (found from the traced graph: calib.tdac.default_feature_layer)
     tdac_feature_layer: str = "auto"
     #: where tdac.json and the N_k plot go (default: beside the trajectory cache)
     tdac_report_dir: str | None = None
@@ -197,12 +197,13 @@ class EDADMConfig:
         return quant
 
     # ------------------------------------------------------------------ calibration data
-    def capture_options(self, unet: nn.Module) -> dict:
-        """Extra ``capture_trajectories`` arguments this recipe needs: the TDAC feature hook and,
-        with ``calib_overlaps_eval``, the evaluation seed."""
+    def capture_options(self, unet: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> dict:
+        """Extra ``capture_trajectories`` arguments this recipe needs: the TDAC feature hook (found
+        from a forward on ``example_inputs`` unless named) and, with ``calib_overlaps_eval``, the
+        evaluation seed."""
         options: dict = {}
         if self.tdac:
-            options["feature_hooks"] = feature_hooks(unet, self.tdac_feature_layer)
+            options["feature_hooks"] = feature_hooks(unet, self.tdac_feature_layer, example_inputs)
         if self.calib_overlaps_eval:
             options["seed"] = EVAL_SEED
         return options

@@ -35,8 +35,9 @@ MANIFEST_FILE = "manifest.json"
 _QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
 
 
-def _shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
+def _shapes(model: nn.Module | dict) -> dict[str, list[int]]:
+    state = model if isinstance(model, dict) else model.state_dict()
+    return {k: list(v.shape) for k, v in state.items()}
 
 
 def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Path:
@@ -46,7 +47,7 @@ def save(qmodel: QuantModel, path: str | Path, extra: dict | None = None) -> Pat
     _refuse_non_finite(tensors, "refusing to save the quantizer state")
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / STATE_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    float_shapes = _shapes(qmodel.model)
+    float_shapes = _shapes(qmodel.denoiser_state_dict())
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

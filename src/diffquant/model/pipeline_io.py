@@ -1,12 +1,17 @@
 """Saving and loading a diffusers pipeline whose denoiser is quantized.
 
-``pipe.save_pretrained`` alone cannot keep the quantization: diffusers saves a component only
-when its class derives from one of the library base classes, so a :class:`QuantModel` is
-skipped (or, put in as ``qmodel.denoiser``, its quantizer tensors land in the float weights file
-where a plain load ignores them). :func:`save_pipeline` writes the pipeline with the float
-denoiser through diffusers (so any diffusers install still loads it as a float pipeline) and the
-quantizer state beside the denoiser's folder (``<denoiser>/diffquant/``: safetensors + manifest);
-:func:`load_pipeline` loads it back with diffusers and restores the quantization, bit-identical.
+Two layouts, both bit-identical on reload:
+
+- ``pipe.save_pretrained(dir)`` with a :class:`QuantModel` component (diffusers' own path): the
+  component is recorded as ``["diffquant", "QuantModel"]`` in ``model_index.json`` and saved by
+  :func:`save_pretrained` (float weights in the denoiser's diffusers layout + ``diffquant/``);
+  ``DiffusionPipeline.from_pretrained(dir)`` loads it back through :func:`from_pretrained`.
+- :func:`save_pipeline` writes a folder that any diffusers install loads as the *float* pipeline
+  (``model_index.json`` names the denoiser's own class) with the quantizer state beside the
+  denoiser's folder (``<denoiser>/diffquant/``: safetensors + manifest); :func:`load_pipeline`
+  loads it back and restores the quantization.
+
+Saving the bare ``qmodel.denoiser`` would keep only float weights for a plain load; it warns.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ def _float_denoiser(qmodel: QuantModel) -> nn.Module:
     if not hasattr(type(model), "from_config"):
         raise DiffquantError(f"save_pipeline() needs a diffusers denoiser (from_config), got {type(model).__name__}")
     fresh = type(model).from_config(model.config)
-    state = model.state_dict()
+    state = qmodel.denoiser_state_dict()
     fresh.load_state_dict({k: state[k] for k in qmodel.float_keys}, strict=True)
     return fresh.to(dtype=model.dtype).eval()
 

@@ -55,6 +55,9 @@ class WrapPlan:
     #: how each role was found: blocks / time_embedding -> "names" (the config's globs or class
     #: names) or "structure" (the traced data flow and residual additions)
     found: dict[str, str] = field(default_factory=dict)
+    #: structural feature points from the traced graph (``middle``: TDAC's feature module,
+    #: ``last_block``: TRD's), see :meth:`~diffquant.model.trace.TraceResult.feature_points`
+    features: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,33 +162,48 @@ def make_plan(
         block_names = [n for n, m in modules.items() if n and type(m).__name__ in DEFAULT_BLOCK_TYPES]
         found["blocks"] = "names" if block_names else "none"
     units = make_units(modules, block_names, [lp.name for lp in layers], attention, order)
-    return WrapPlan(layers=layers, attention=attention, units=units, timesteps=timesteps, found=found)
+    return WrapPlan(layers=layers, attention=attention, units=units, timesteps=timesteps, found=found,
+                    features=trace.feature_points())
+
+
+def _inside_a_block(trace: TraceResult):
+    blocks = set(trace.residual_blocks) | set(trace.outer_blocks)
+    return lambda n: any(n.startswith(b + ".") for b in blocks)
 
 
 def structural_roles(trace: TraceResult, called: list[str]) -> dict[str, set[str]]:
     """Roles read off the traced data flow, for rules (``@input``, ``@time_projection``):
     ``input`` is the first executed layer whose input is computed from the sample x (conv_in of a
     UNet, the patch embedding of a DiT); ``time_projection`` are the layers inside residual blocks
-    whose input comes from the timestep alone (a ResBlock's projection of the time embedding)."""
+    whose input comes from the timestep alone and whose output meets the block's features (a
+    ResBlock's projection of the time embedding, a DiT block's adaLN linear)."""
     if not trace.input_flow:
         return {}
     first = next((n for n in called if trace.input_flow.get(n, 0) & FROM_X), None)
-    inside = lambda n: any(n.startswith(b + ".") for b in trace.residual_blocks)  # noqa: E731
+    inside = _inside_a_block(trace)
     return {"input": {first} if first else set(),
-            "time_projection": {n for n in trace.timestep_only_layers() if inside(n)}}
+            "time_projection": {n for n in trace.timestep_only_layers() if inside(n) and n in trace.time_mixing}}
 
 
 def time_embedding_layers(config: QuantConfig, candidates: list[str], trace: TraceResult,
                           modules: dict[str, nn.Module], found: dict[str, str]) -> set[str]:
-    """The time-embedding MLP: layers matching ``time_embedding_patterns``; where none does, the
-    layers whose input is computed from the timestep alone and that lie outside every residual
-    block (per-block projections of the embedding are part of their block)."""
-    named = {n for n in candidates if _matches(n, config.time_embedding_patterns)}
-    if named or not trace.input_flow:
+    """The time-embedding MLP, from the traced graph: the layers whose input is computed from the
+    timestep alone, except those whose output only meets the features (they project the embedding
+    into them: ResBlock ``time_emb_proj``, a DiT's adaLN linears); a layer that feeds another
+    layer of the time path is part of the MLP (a DiT block's own timestep embedder, PixArt's
+    ``linear_2``, whose output is also used directly). In a network without residual blocks there
+    is no block to project into, and every layer on the time path counts.
+    ``time_embedding_patterns`` (name globs) override it."""
+    if config.time_embedding_patterns:
+        named = {n for n in candidates if _matches(n, config.time_embedding_patterns)}
         found["time_embedding"] = "names" if named else "none"
         return named
-    inside = lambda n: any(n.startswith(b + ".") for b in trace.residual_blocks)  # noqa: E731
-    structural = {n for n in trace.timestep_only_layers() if n in candidates and not inside(n)}
+    if not trace.input_flow:
+        found["time_embedding"] = "none"
+        return set()
+    has_blocks = bool(trace.residual_blocks)
+    structural = {n for n in trace.timestep_only_layers()
+                  if n in candidates and (not has_blocks or n not in trace.time_mixing or n in trace.time_feeding)}
     found["time_embedding"] = "structure" if structural else "none"
     return structural
 
