@@ -26,3 +26,13 @@ def test_any_module_example_quantizes_a_denoiser_the_zoo_does_not_know():
     assert {"inp", "mid", "out", "time.0", "time.2"} <= set(qmodel.layers())
     # quantized sampling stays close to float, yet really differs from it
     assert 0 < scope["error"] < 0.5 * float(scope["reference"].abs().mean())
+
+
+def test_the_license_file_matches_the_package_metadata():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
+    text = (root / "LICENSE").read_text()
+    assert declared == "Apache-2.0" and "Apache License" in text and "Version 2.0, January 2004" in text
