@@ -311,18 +311,6 @@ def test_the_zoo_models_get_the_same_blocks_time_path_and_features_from_the_grap
     _same_as_the_old_names(bundle.unet, bundle.example_inputs(2), name)
 
 
-class _Stage(torch.nn.Module):
-    """A residual block class no name list knows."""
-
-    def __init__(self, c: int, e: int):
-        super().__init__()
-        self.one, self.two = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
-        self.film = torch.nn.Linear(e, c)
-
-    def forward(self, h, emb):
-        return h + self.two(torch.relu(self.one(h) * (1 + self.film(emb)[:, :, None, None])))
-
-
 class _UnseenUNet(torch.nn.Module):
     """Encoder–bottleneck–decoder with a skip concatenation, all names unknown to diffquant."""
 
@@ -331,11 +319,11 @@ class _UnseenUNet(torch.nn.Module):
         self.e = e
         self.clock = torch.nn.Sequential(torch.nn.Linear(e, e), torch.nn.GELU(), torch.nn.Linear(e, e))
         self.entry = torch.nn.Conv2d(1, c, 3, padding=1)
-        self.enc = _Stage(c, e)
+        self.enc = _OwnBlock(c, e)
         self.shrink = torch.nn.Conv2d(c, c, 3, stride=2, padding=1)
-        self.neck = torch.nn.ModuleList([_Stage(c, e), _Stage(c, e), _Stage(c, e)])
+        self.neck = torch.nn.ModuleList([_OwnBlock(c, e), _OwnBlock(c, e), _OwnBlock(c, e)])
         self.merge = torch.nn.Conv2d(2 * c, c, 1)
-        self.dec = _Stage(c, e)
+        self.dec = _OwnBlock(c, e)
         self.exit = torch.nn.Conv2d(c, 1, 3, padding=1)
 
     def forward(self, x, t):
@@ -363,7 +351,7 @@ def test_an_unseen_unet_gets_its_middle_last_block_and_time_path_from_the_graph(
     assert qmodel.plan.features == {"middle": "neck.1", "last_block": "dec"}
     roles = {lp.name: lp.roles for lp in qmodel.plan.layers}
     assert {n for n, r in roles.items() if "time_embedding" in r} == {"clock.0", "clock.2"}
-    assert {n for n, r in roles.items() if "time_projection" in r} == {f"{b}.film" for b in trace.outer_blocks}
+    assert {n for n, r in roles.items() if "time_projection" in r} == {f"{b}.cond" for b in trace.outer_blocks}
     assert "TDAC feature neck.1" in qmodel.summary()
     # what TDAC and TRD hook by default
     from diffquant.calib.tdac import default_feature_layer

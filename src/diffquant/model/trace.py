@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -92,7 +93,7 @@ class _FlowRecorder(TorchFunctionMode):
     def set_origin(self, tensor: Tensor, name: str) -> None:
         self._origins[id(tensor)] = (weakref.ref(tensor), frozenset([name]))
 
-    def _origins_of(self, operands: list[Tensor]) -> frozenset[str]:
+    def origins_of(self, operands: list[Tensor]) -> frozenset[str]:
         out: frozenset[str] = frozenset()
         for t in operands:
             entry = self._origins.get(id(t))
@@ -103,7 +104,7 @@ class _FlowRecorder(TorchFunctionMode):
     def _follow_time_outputs(self, operands: list[Tensor], out) -> None:
         """A timestep-only layer's output either meets the sample's data (the layer projects the
         embedding into the features) or flows on, through non-layer operations, to other layers."""
-        origins = self._origins_of(operands)
+        origins = self.origins_of(operands)
         if not origins:
             return
         if any(self.flag(t) & FROM_X for t in operands):
@@ -285,7 +286,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
             flow.depth = len(open_calls)
             if isinstance(mod, SUPPORTED) and inputs and isinstance(inputs[0], Tensor):
                 result.input_flow.setdefault(name, flow.flag(inputs[0]))
-                flow.feeding |= flow._origins_of([inputs[0]])
+                flow.feeding |= flow.origins_of([inputs[0]])
                 x = inputs[0]
                 entry = recorder.cats.get(id(x))
                 if entry is not None and entry[0] is x and entry[2] == _channel_dim(mod, x) % x.dim():
@@ -324,7 +325,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
 
 
 def _spatial(x: Tensor) -> int:
-    return int(torch.tensor(x.shape[2:]).prod()) if x.dim() > 2 else 1
+    return math.prod(x.shape[2:])
 
 
 def _middle_blocks(outer: list[str], started: dict[str, int], sizes: dict[str, tuple[int, int]],
@@ -342,11 +343,9 @@ def _middle_blocks(outer: list[str], started: dict[str, int], sizes: dict[str, t
     return [n for n in window if sizes[n] == (lowest, lowest)]
 
 
-def feature_modules(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> dict[str, str]:
-    """The structural feature points of ``model`` from one traced forward: ``middle`` (the module
-    whose input is the middle of the network, TDAC's feature) and ``last_block`` (the last block
-    before the output head, TRD's feature); a point the graph does not show is left out.
-    ``example_inputs``: ``(args, kwargs)`` of one call (default: built for diffusers models)."""
+def trace_in_eval(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> TraceResult:
+    """:func:`trace_model` in eval mode (the model's mode is restored); ``example_inputs`` =
+    ``(args, kwargs)`` of one call (default: built for the diffusers models diffquant knows)."""
     if example_inputs is None:
         from .adapters import example_inputs_for
 
@@ -355,7 +354,13 @@ def feature_modules(model: nn.Module, example_inputs: tuple[tuple, dict] | None 
     was_training = model.training
     model.eval()
     try:
-        trace = trace_model(model, args, kwargs)
+        return trace_model(model, args, kwargs)
     finally:
         model.train(was_training)
-    return trace.feature_points()
+
+
+def feature_modules(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> dict[str, str]:
+    """The structural feature points of ``model`` from one traced forward: ``middle`` (the module
+    whose input is the middle of the network, TDAC's feature) and ``last_block`` (the last block
+    before the output head, TRD's feature); a point the graph does not show is left out."""
+    return trace_in_eval(model, example_inputs).feature_points()

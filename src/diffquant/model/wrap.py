@@ -16,7 +16,7 @@ from ..nn.attention import QuantAttnProcessor
 from ..nn.layers import QuantizerSpec, QuantLayer
 from .plan import WrapPlan, make_plan
 from .qmodel import QuantModel
-from .trace import trace_model
+from .trace import trace_in_eval
 
 
 def _weight_spec(config: QuantConfig, bits: int) -> QuantizerSpec:
@@ -102,15 +102,7 @@ def quantize(
         raise ConfigError("this model is already quantized; wrap a float model")
     if not inplace:
         model = copy.deepcopy(model)
-    if example_inputs is None:
-        from .adapters import example_inputs_for
-
-        example_inputs = example_inputs_for(model)
-    args, kwargs = example_inputs
-    was_training = model.training
-    model.eval()
-    trace = trace_model(model, args, kwargs)
-    model.train(was_training)
+    trace = trace_in_eval(model, example_inputs)
     plan = make_plan(model, config, trace, timesteps)
     if not plan.layers and not plan.attention:
         raise ConfigError("no layer matched the include/exclude filters: nothing to quantize")
