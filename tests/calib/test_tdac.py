@@ -1,4 +1,4 @@
-"""TDAC (METHODS.md §4.1): scores, counts with the official fix-up, assignment, capture integration."""
+"""TDAC (docs/methods.md §4.1): scores, counts with the official fix-up, assignment, capture integration."""
 from __future__ import annotations
 
 import sys

@@ -56,7 +56,7 @@ def make_q_eps(scale):
 def test_eps_error_recorder_per_step_and_pooling():
     rec = EpsErrorRecorder(fp_eps, make_q_eps(0.01))
     timesteps = [900, 500, 100]
-    for batch in range(2):  # two sampler batches: per-step errors pooled
+    for _batch in range(2):  # two sampler batches: per-step errors pooled
         x = torch.randn(4, 1, 8, 8)
         for k, t in enumerate(timesteps):
             rec(k, torch.full((4,), t), x, None)

@@ -1,4 +1,4 @@
-"""Folding LES τ into the weights and the activation quantizers (METHODS.md §5.1, export)."""
+"""Folding LES τ into the weights and the activation quantizers (docs/methods.md §5.1, export)."""
 from __future__ import annotations
 
 import copy

@@ -62,7 +62,7 @@ def test_pts_factors_export_as_per_channel_qdq(mode, calibrated_unet, unet_input
     integer graphs keep that layer on Q/DQ and say so. A factor that is not a power of two is refused."""
     unet, qmodel = calibrated_unet(8, 8)
     _with_divisors(qmodel)
-    name, layer = next((n, l) for n, l in qmodel.layers().items() if l.use_act_quant and l.kind == "Conv2d")
+    name, layer = next((n, m) for n, m in qmodel.layers().items() if m.use_act_quant and m.kind == "Conv2d")
     assert input_divisor_of(layer.act_quantizers[0]) is not None
     before = _call(qmodel, unet_inputs)
     layer.act_quantizers[0].multiplier[0, 0] = 0.5
@@ -78,7 +78,7 @@ def test_pts_factors_export_as_per_channel_qdq(mode, calibrated_unet, unet_input
     with pytest.raises(ExportError, match="power-of-two"):
         export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "v.onnx")
     layer.act_quantizers[0].multiplier[0, 0] = 1.0
-    linear = next(l for l in qmodel.layers().values() if l.use_act_quant and l.kind == "Linear")
+    linear = next(m for m in qmodel.layers().values() if m.use_act_quant and m.kind == "Linear")
     linear.act_quantizers[0].multiplier[0, 0] = 2.0  # PTS on a Linear input: refused, not exported wrong
     with pytest.raises(ExportError, match="power-of-two"):
         export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "w.onnx")

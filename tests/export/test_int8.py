@@ -266,7 +266,7 @@ def test_every_tiny_unet_layer_matches_fake_quant_to_float_rounding(calibrated_u
     for saturating in (None, True):
         int8 = to_int8(qmodel, saturating=saturating)
         inputs = {}
-        hooks = [layer.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0].clone(), o.clone())))
+        hooks = [layer.register_forward_hook(lambda m, i, o, n=n, store=inputs: store.__setitem__(n, (i[0].clone(), o.clone())))
                  for n, layer in qmodel.layers().items()]
         try:
             _call(qmodel, unet_inputs, t=TIMESTEPS[1])

@@ -1,4 +1,4 @@
-"""DMQ recipe end to end on a tiny class-conditional UNet2DModel (METHODS.md §5)."""
+"""DMQ recipe end to end on a tiny class-conditional UNet2DModel (docs/methods.md §5)."""
 from __future__ import annotations
 
 import dataclasses
@@ -148,7 +148,7 @@ def test_step_calibration_is_minmax_then_ema(bundle, trajectories):
     q = qmodel.layers()["down_blocks.0.resnets.0.conv1"].act_quantizers[0]
     seen = []
     handle = q.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-    calibrate_step(qmodel, step2, config, 2, torch.Generator().manual_seed(0))
+    calibrate_step(qmodel, step2, 2, torch.Generator().manual_seed(0), init_n=3, batch=4, momentum=0.95)
     handle.remove()
     assert seen[0].shape[0] == 3 and sum(s.shape[0] for s in seen[1:]) == len(step2)
     lo, hi = seen[0].min(), seen[0].max()

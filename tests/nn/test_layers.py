@@ -380,7 +380,7 @@ def test_inference_activation_path_is_bit_identical_to_the_quantizer(case, devic
         assert torch.equal(quantize_activation(q, x), expected)
     assert torch.equal(quantize_activation(q, x), expected)  # grad mode, but nothing requires grad
     # whenever autograd, observing or hooks are involved the module itself runs
-    for setup in (lambda: x.requires_grad_(), lambda: setattr(q, "mode", "observe"),
+    for setup in (lambda x=x: x.requires_grad_(), lambda: setattr(q, "mode", "observe"),
                   lambda: q.register_forward_hook(lambda *a: None)):
         setup()
         with pytest.raises(AssertionError, match="module was called"):

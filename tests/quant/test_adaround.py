@@ -1,4 +1,4 @@
-"""AdaRound soft/hard rounding, regulariser and β schedule (METHODS.md §1.3)."""
+"""AdaRound soft/hard rounding, regulariser and β schedule (docs/methods.md §1.3)."""
 import math
 
 import pytest

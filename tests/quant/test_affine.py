@@ -1,4 +1,4 @@
-"""Grids, bit validation and the STE / LSQ gradients of fake_quantize (METHODS.md §1.1)."""
+"""Grids, bit validation and the STE / LSQ gradients of fake_quantize (docs/methods.md §1.1)."""
 import pytest
 import torch
 

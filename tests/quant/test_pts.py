@@ -1,4 +1,4 @@
-"""DMQ's power-of-two channel scaling (METHODS.md §5.3): the vectorised vote and MSE choice."""
+"""DMQ's power-of-two channel scaling (docs/methods.md §5.3): the vectorised vote and MSE choice."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""QDrop mixing (METHODS.md §1.4)."""
+"""QDrop mixing (docs/methods.md §1.4)."""
 import pytest
 import torch
 

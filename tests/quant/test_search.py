@@ -1,4 +1,4 @@
-"""lp_shrink and edadm_grid range searches against brute-force loops (METHODS.md §1.2)."""
+"""lp_shrink and edadm_grid range searches against brute-force loops (docs/methods.md §1.2)."""
 
 import pytest
 import torch

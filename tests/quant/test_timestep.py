@@ -1,4 +1,4 @@
-"""TimestepIndex: exact / nearest lookup of the calibrated schedule (METHODS.md §1.7)."""
+"""TimestepIndex: exact / nearest lookup of the calibrated schedule (docs/methods.md §1.7)."""
 import pytest
 import torch
 

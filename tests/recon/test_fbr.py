@@ -1,4 +1,4 @@
-"""EDA-DM's FBR pass (METHODS.md §4.2) on a toy block: loss, QDrop, input mixing, excluded layer."""
+"""EDA-DM's FBR pass (docs/methods.md §4.2) on a toy block: loss, QDrop, input mixing, excluded layer."""
 from __future__ import annotations
 
 import pytest

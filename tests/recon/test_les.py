@@ -1,4 +1,4 @@
-"""DMQ's learned equivalent scaling (METHODS.md §5.1) on single layers and blocks, and the SmoothQuant
+"""DMQ's learned equivalent scaling (docs/methods.md §5.1) on single layers and blocks, and the SmoothQuant
 baseline that fills the same τ slot."""
 from __future__ import annotations
 

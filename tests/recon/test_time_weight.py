@@ -1,4 +1,4 @@
-"""DMQ's adaptive timestep weighting (METHODS.md §5.2) on hand-made losses."""
+"""DMQ's adaptive timestep weighting (docs/methods.md §5.2) on hand-made losses."""
 from __future__ import annotations
 
 import pytest

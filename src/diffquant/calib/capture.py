@@ -1,4 +1,4 @@
-"""Calibration data capture (METHODS.md §1.5) and a generic module input/output recorder.
+"""Calibration data capture (docs/methods.md §1.5) and a generic module input/output recorder.
 
 :func:`capture_trajectories` runs ONE full-precision sampling pass per batch of trajectories and
 records, at every step k, x_t (before CFG duplication), t_k, the class and null labels, and the

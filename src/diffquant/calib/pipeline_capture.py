@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DiffquantError
 from ..jsonio import write_json
+from .calls import CalibrationCalls
 from .conditioning import Conditioning, conditioned_call
 from .select import CalibrationSet, check_finite_inputs
 
@@ -129,8 +130,6 @@ class PipelineCalibration:
     def forward_loop(self, batch_size: int = 32, device: str | torch.device = "cpu"):
         """``loop(model)`` running every recorded input through ``model``, one timestep per batch
         (per-timestep quantizer tables need that)."""
-        from ..recon.cache import CalibrationCalls
-
         calls = CalibrationCalls(self.calib_set, conditioned_call, device)
 
         @torch.no_grad()

@@ -1,4 +1,4 @@
-"""TDAC: EDA-DM's temporal density- and diversity-aware calibration allocation (METHODS.md §4.1).
+"""TDAC: EDA-DM's temporal density- and diversity-aware calibration allocation (docs/methods.md §4.1).
 
 TDAC decides **how many** calibration samples each sampler step k gets, from features F_k of the
 first B trajectories at every step (the input of the UNet's middle-block attention):

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-import diffquant
+from diffquant._version import __version__
 from diffquant.errors import DiffquantError
 from diffquant.paths import cache_dir
 from diffquant.jsonio import write_json
@@ -166,7 +166,7 @@ class ReferenceStats:
 
 def library_versions() -> dict[str, str]:
     """Versions whose change can move features (resize kernels, BLAS paths)."""
-    return {"diffquant": diffquant.__version__, "torch": torch.__version__, "numpy": np.__version__}
+    return {"diffquant": __version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
 def _hash_json(obj: dict) -> str:

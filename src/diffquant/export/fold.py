@@ -1,4 +1,4 @@
-"""Folding learned input-channel scales τ (DMQ's LES) into the deployment form (METHODS.md §5.1).
+"""Folding learned input-channel scales τ (DMQ's LES) into the deployment form (docs/methods.md §5.1).
 
 A layer with τ computes Q(x/τ)·Q(W·τ). Folded, the stored float weight *is* W·τ (so the weight
 quantizers, AdaRound rounding included, see exactly the same tensor and give bit-identical

@@ -344,7 +344,7 @@ class CompiledInt8(nn.Module):
                 if self.compiled_ok:
                     raise
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                warnings.warn(f"torch.compile of the int8 model failed ({first[:200]}); running it eagerly")
+                warnings.warn(f"torch.compile of the int8 model failed ({first[:200]}); running it eagerly", stacklevel=1)
                 self.compiled_ok = False
         return self.eager(*args, **kwargs)
 

@@ -8,7 +8,7 @@ dynamo exporter needs onnxscript, which is not installed) traces it. See :mod:`.
 the two node layouts (``qdq``: QuantizeLinear/DequantizeLinear pairs, portable; ``integer``:
 ConvInteger/MatMulInteger, integer kernels in onnxruntime).
 
-Per-timestep activation parameters (METHODS.md §1.7): **one graph per timestep group**. Rows of
+Per-timestep activation parameters (docs/methods.md §1.7): **one graph per timestep group**. Rows of
 the tables that hold identical parameters for every quantizer form a group; each group is
 exported as its own graph with constant parameters (so runtimes can fuse them into integer
 kernels). ``path`` holds the group of the first calibrated timestep and ``<stem>.g<j>.onnx`` the
@@ -130,7 +130,7 @@ def check_batch_axis(path: Path, names: list[str], inputs: tuple[Tensor, ...], t
         import onnxruntime as ort
     except ImportError:  # the check needs the runtime; without it the tracer's notes are all we have
         if tracer:
-            warnings.warn(f"{path.name}: the tracer reports values frozen into the graph ({tracer[0][:200]})")
+            warnings.warn(f"{path.name}: the tracer reports values frozen into the graph ({tracer[0][:200]})", stacklevel=1)
         return
 
     def feeds(ts):

@@ -9,7 +9,7 @@ Layout of the file (all tensors little-endian, safetensors; nothing is pickled):
   has one stream per bit-width group, each holding its channels in channel order. Within a
   stream a channel's codes follow the part's row-major order with the output-channel axis first.
 - ``w/<layer>/<part>/step`` (float32 [C]) and ``.../zero_point`` (int16 [C]) per output channel.
-  A split layer (concatenated input, METHODS.md §1.9) has one part per input slice.
+  A split layer (concatenated input, docs/methods.md §1.9) has one part per input slice.
 - ``f/<key>`` — every other tensor of the model (biases, norms, embeddings, unquantized layers) in
   fp32 or fp16 (``float_dtype``; integer buffers keep their dtype).
 - ``q/<key>`` — the activation quantizers' state (steps and zero points, per-timestep tables) and
@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .. import __version__
+from .._version import __version__
 from ..config import QuantConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, DiffquantError
 from ..model.plan import WrapPlan
@@ -270,8 +270,8 @@ def freeze(qmodel: QuantModel, *, float_dtype: str = "float32") -> PackedModel:
             "timestep_index": qmodel.timestep_index.to_dict(),
             "quantizers": {n: {a: v for a, v in q.describe().items() if a in QUANTIZER_ATTRS + VARIANT_ATTRS}
                            for n, q in qmodel.quantizers().items()},
-            "layer_flags": {n: {"use_weight_quant": l.use_weight_quant, "use_act_quant": l.use_act_quant}
-                            for n, l in qmodel.layers().items()},
+            "layer_flags": {n: {"use_weight_quant": layer.use_weight_quant, "use_act_quant": layer.use_act_quant}
+                            for n, layer in qmodel.layers().items()},
             "attention_flags": {n: p.use_act_quant for n, p in qmodel.attention_processors().items()},
         },
         "layers": layers,

@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning (EfficientDM / MPQ-DM, METHODS.md §6): Stage-1 initialisation
+"""Quantization-aware fine-tuning (EfficientDM / MPQ-DM, docs/methods.md §6): Stage-1 initialisation
 with OMQ, QALoRA + TALSQ distillation along the float trajectory, and TRD."""
 from .coverage import apply_coverage, layer_roles
 from .qalora import FinetuneCheckpoint, FinetuneOptions, expand_act_tables, finetune

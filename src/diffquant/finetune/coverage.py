@@ -1,4 +1,4 @@
-"""Layer coverage of EfficientDM / MPQ-DM (METHODS.md §6.1, §1.10), selected by role.
+"""Layer coverage of EfficientDM / MPQ-DM (docs/methods.md §6.1, §1.10), selected by role.
 
 Roles, computed from the wrap plan (layers in execution order) and the modules:
 

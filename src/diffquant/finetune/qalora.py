@@ -1,4 +1,4 @@
-"""EfficientDM's data-free quantization-aware LoRA fine-tuning (METHODS.md §6.3), with TRD.
+"""EfficientDM's data-free quantization-aware LoRA fine-tuning (docs/methods.md §6.3), with TRD.
 
 Pieces, in the order a recipe uses them:
 

@@ -1,4 +1,4 @@
-"""Stage 1 of EfficientDM / MPQ-DM: initialisation on one calibration batch (METHODS.md §6.1–6.2).
+"""Stage 1 of EfficientDM / MPQ-DM: initialisation on one calibration batch (docs/methods.md §6.1–6.2).
 
 One forward of the Stage-1 batch with weights and activations quantized, as the official
 ``quantize_ldm_naive.py`` does: when a layer is reached, a pre-hook initialises it from the

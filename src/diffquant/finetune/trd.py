@@ -1,4 +1,4 @@
-"""TRD, MPQ-DM's time-smoothed relation distillation (METHODS.md §6.4).
+"""TRD, MPQ-DM's time-smoothed relation distillation (docs/methods.md §6.4).
 
 The output of the last decoder block (before the norm–SiLU–conv_out head) is recorded in the
 float and the quantized model at every step. Over windows of N consecutive steps (pairs (0, 1),

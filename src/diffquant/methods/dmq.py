@@ -1,4 +1,4 @@
-"""DMQ (METHODS.md §5): learned equivalent scaling, adaptive timestep weighting, per-step
+"""DMQ (docs/methods.md §5): learned equivalent scaling, adaptive timestep weighting, per-step
 activation tables with power-of-two channel scaling (PTS).
 
 Pipeline, given a model wrapped with :meth:`DMQConfig.wrap_config` (coverage §1.10: conv_in,
@@ -39,11 +39,11 @@ cannot run trajectory group k only up to step k, so asking for it is a ConfigErr
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..calib.cache import TrajectoryCache
-from ..calib.select import CalibrationSet, all_steps, uniform
-from ..config import LayerRule, QuantConfig, checked, knob
+from ..calib.select import CalibrationSet
+from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer, attach_input_scale
@@ -60,20 +60,18 @@ from ..quant.pts import PTS_SELECTIONS, PTSStatistics
 from ..quant.quantizer import UniformQuantizer
 from ..quant.timestep import LOOKUP_MODES
 from ..quant.variants import PTSQuantizer, replace_module
+from ..recipes import STAGES, EngineSettings, ForwardLoop, Recipe, Stage, StageContext, run_recipe
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
-from ..recon.engine import EngineOptions, UnitRecord, reconstruct
+from ..recon.engine import UnitRecord
 from ..recon.les import LES_SCOPES, SMOOTHQUANT_PASS, LESOptions, les_layers, run_les, run_smoothquant
-from ..recon.passes import AdaRoundPass
 from ..recon.progress import ReconProgress
 from ..recon.state import quant_state
-from ..recon.time_weight import TIME_WEIGHTS, calibration_schedule, timestep_buckets
-from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .qdiffusion import _fit
-from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, recipe_fingerprint
+from ..recon.time_weight import TIME_WEIGHTS
+from ..recon.units import GRANULARITIES, UNIT_ORDERS
+from .stages import AdaRound, AllStepsSelection, RoundToNearest, UniformSelection, Wrap, acts_quantized, one_timestep
 
 log = logging.getLogger("diffquant.methods")
 
-PASSES = ["les", SMOOTHQUANT_PASS, "weights", "acts", "pts"]
 PTS_MODES = ("off",) + PTS_SELECTIONS
 #: residual shortcut convs: diffusers ``conv_shortcut``, CompVis ``skip_connection``, DDIM
 #: ``nin_shortcut``, mnist-resunet ``residual_conv``
@@ -99,7 +97,7 @@ def _globs(name: str, value, named: dict[str, list[str]]) -> list[str]:
 @dataclass
 @checked
 class DMQConfig:
-    """All knobs of DMQ (METHODS.md §5, ablation switches §8); defaults = the library's."""
+    """All knobs of DMQ (docs/methods.md §5, ablation switches §8); defaults = the library's."""
 
     # -- wrapping (wrap_config) and coverage (§1.10)
     split: bool = True
@@ -234,42 +232,61 @@ class DMQConfig:
     def recipe_name(self) -> str:
         return "dmq_official" if self.official else "dmq"
 
-    # ------------------------------------------------------------------ wrapping
+    # ------------------------------------------------------------------ as stages
+    def to_recipe(self) -> Recipe:
+        """These knobs as the stage list of the ``dmq`` preset (``recipes/presets``)."""
+        if self.cali_st is None:
+            selection = AllStepsSelection(cali_n=self.cali_n)
+        else:
+            selection = UniformSelection(cali_st=self.cali_st, cali_n=self.cali_n)
+        stages = [
+            selection,
+            Wrap(split=self.split, attn_matmul=False, weight_grid="asymmetric", act_grid="asymmetric",
+                 time_embedding="fp", timestep_lookup=self.timestep_lookup, weight_only=self.weight_only,
+                 fp_layers=["@last", *self.fp_layers]),
+            KeepFirstLayerFP(),
+        ]
+        if self.smoothquant_alpha is not None:
+            stages.append(SmoothQuant(alpha=self.smoothquant_alpha))
+        elif self.les:
+            stages.append(LES(scope=self.les_scope, iters=self.les_iters, lr=self.les_lr, batch_size=self.batch_size,
+                              time_weight=self.time_weight, alpha=self.alpha, momentum=self.momentum))
+        stages.append(RoundToNearest(policy="lp_shrink"))
+        if self.weight_recon:
+            stages.append(AdaRound(iters=self.iters_w, batch_size=self.batch_size, lr=self.lr_w, p=2.0,
+                                   reg_weight=self.round_reg_weight, beta_start=self.beta_start,
+                                   beta_end=self.beta_end, warmup=self.warmup, granularity=self.recon_granularity,
+                                   unit_order=self.unit_order))
+        stages.append(StepTables(per_step=self.per_step_acts, init_n=self.act_init_n, batch=self.act_batch,
+                                 momentum=self.act_momentum))
+        if self.pts != "off":
+            stages.append(PTS(mode=self.pts, kappa=self.pts_kappa, D=self.pts_D, layers=self.pts_layers,
+                              per_step=self.pts_per_step))
+        engine = EngineSettings(seed=self.seed, cache_dtype=self.cache_dtype, cache_storage=self.cache_storage,
+                                cache_memory_mb=self.cache_memory_mb, eval_samples=self.eval_samples)
+        return Recipe(self.recipe_name, stages, engine, description=_DESCRIPTION[self.official])
+
     def wrap_config(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with DMQ's coverage and grids (a new object): time-embedding MLP, last layer
         and ``fp_layers`` FP, attention matmuls FP, split, asymmetric grids, ``lp_shrink``
         weights, ``minmax`` activations, the timestep lookup mode."""
-        fp = [LayerRule("@last", weight_bits=32, act_bits=32)]
-        fp += [LayerRule(p, weight_bits=32, act_bits=32) for p in self.fp_layers]
-        quant = dataclasses.replace(
-            quant,
-            split=self.split,
-            attn_matmul=False,
-            weight_init="lp_shrink",
-            act_init="minmax",
-            weight_grid="asymmetric",
-            act_grid="asymmetric",
-            time_embedding="fp",
-            rules=list(quant.rules) + [r for r in fp if r not in quant.rules],
-            timestep_lookup=self.timestep_lookup,
-            quantize_acts=False if self.weight_only else quant.quantize_acts,
-        )
-        quant.__post_init__()
-        return quant
+        return self.to_recipe().wrap_config(quant)
 
-    # ------------------------------------------------------------------ calibration data
     def select_calibration(self, cache: TrajectoryCache) -> CalibrationSet:
         """``cali_n`` trajectories at every step (``all_steps``), or at ``cali_st`` uniformly
         spaced steps; counts above what the cache holds are reduced with a warning."""
-        n = _fit("cali_n", self.cali_n, cache.num_samples, "trajectories")
-        if self.cali_st is None:
-            return all_steps(cache, n)
-        return uniform(cache, n_per_step=n, n_steps=_fit("cali_st", self.cali_st, cache.num_steps, "steps"))
+        return self.to_recipe().select(cache)
+
+
+_DESCRIPTION = {
+    False: "DMQ (arXiv 2507.12933): LES with adaptive timestep weighting, per-step tables, PTS by voting",
+    True: "DMQ with the official code's switches (registration unit order, unfolded τ)",
+}
 
 
 @dataclass
 class DMQOfficialConfig(DMQConfig):
-    """``dmq_official``: the official code's switches the library reproduces (METHODS.md §5.5)."""
+    """``dmq_official``: the official code's switches the library reproduces (docs/methods.md §5.5)."""
 
     unit_order: str = "registration"
     fold_les: bool = False
@@ -277,17 +294,6 @@ class DMQOfficialConfig(DMQConfig):
 
 
 # ---------------------------------------------------------------------- model preparation
-def _check_wrapping(qmodel: QuantModel, config: DMQConfig) -> None:
-    expected = config.wrap_config(dataclasses.replace(qmodel.quant_config))
-    fields = ("split", "attn_matmul", "weight_init", "act_init", "act_grid", "weight_grid", "time_embedding",
-              "quantize_acts", "rules")
-    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.quant_config, f)]
-    if differ:
-        warnings.warn(
-            f"the model was wrapped with other {', '.join(differ)} than this DMQ config asks for; "
-            "wrap it with DMQConfig.wrap_config(quant_config) to get DMQ's coverage", stacklevel=3)
-
-
 def keep_first_layer_fp(qmodel: QuantModel) -> str | None:
     """DMQ keeps conv_in FP: the layer named ``conv_in``, else the first executed layer outside the
     time embedding (e.g. CompVis ``input_blocks.0.0``). Plan and quantizers are changed in place
@@ -375,30 +381,30 @@ def _run(data: CalibrationCalls, model: nn.Module, batch: int, one_t: bool) -> N
 
 
 @torch.no_grad()
-def calibrate_step(qmodel: QuantModel, data: CalibrationCalls, config: DMQConfig, row: int | None,
-                   generator: torch.Generator) -> None:
+def calibrate_step(qmodel: QuantModel, data: CalibrationCalls, row: int | None, generator: torch.Generator, *,
+                   init_n: int = 16, batch: int = 16, momentum: float = 0.95) -> None:
     """§5.3 activation calibration of one table row (``row``; None: every row of a shared table)
-    on the samples of ``data``: reset, ``minmax`` on ``act_init_n`` random samples, then
-    ema_minmax over all of them in batches of ``act_batch``."""
+    on the samples of ``data``: reset, ``minmax`` on ``init_n`` random samples, then
+    ema_minmax(``momentum``) over all of them in batches of ``batch``."""
     acts = [q for q in qmodel.quantizers("act").values() if q.active]
     rows = slice(None) if row is None else row
     saved = [(q.init, q.momentum) for q in acts]
     for q in acts:
         q.initialized[rows] = False
         q.batches_seen[rows] = 0
-    one_t = bool(qmodel.timestep_index.timesteps)
-    init = torch.randperm(len(data), generator=generator)[:config.act_init_n].sort().values
+    one_t = one_timestep(qmodel)
+    init = torch.randperm(len(data), generator=generator)[:init_n].sort().values
     try:
         with quant_state(qmodel, weights=True, acts=True):
             for q in acts:
                 q.init, q.mode = "minmax", "observe"
-            _run(data.subset(init), qmodel, config.act_init_n, one_t)
+            _run(data.subset(init), qmodel, init_n, one_t)
             for q in acts:
-                q.init, q.momentum = "ema_minmax", config.act_momentum
-            _run(data, qmodel, config.act_batch, one_t)
+                q.init, q.momentum = "ema_minmax", momentum
+            _run(data, qmodel, batch, one_t)
     finally:
-        for q, (init_policy, momentum) in zip(acts, saved):
-            q.init, q.momentum, q.mode = init_policy, momentum, "quantize"
+        for q, (init_policy, mom) in zip(acts, saved):
+            q.init, q.momentum, q.mode = init_policy, mom, "quantize"
 
 
 def _disable_unreached(qmodel: QuantModel) -> None:
@@ -409,20 +415,21 @@ def _disable_unreached(qmodel: QuantModel) -> None:
             raise DiffquantError(f"{name}: some activation table rows were never calibrated")
 
 
-def calibrate_activations(qmodel: QuantModel, calib_set: CalibrationSet, data: CalibrationCalls, buckets: Tensor,
-                          config: DMQConfig, *, progress: ReconProgress | None = None, bar: bool = True,
+def calibrate_activations(qmodel: QuantModel, data: CalibrationCalls, buckets: Tensor, options: "StepTablesOptions",
+                          seed: int = 0, *, progress: ReconProgress | None = None, bar: bool = True,
                           ) -> list[UnitRecord]:
     """Per-step (or shared) activation calibration, one checkpoint per row."""
     num_rows = max(1, len(qmodel.timestep_index.timesteps))
-    groups = _step_groups(buckets, config.per_step_acts, num_rows)
+    groups = _step_groups(buckets, options.per_step, num_rows)
     names = [g[0] for g in groups]
     done = progress.finished_units("acts", names) if progress is not None else 0
     records = [UnitRecord(**r) for r in progress.records("acts")[:done]] if progress is not None else []
     qmodel.eval()
     with tqdm(total=len(groups), initial=done, desc="calibrate activations", disable=not bar, leave=False) as pbar:
         for i, (name, row, index) in enumerate(groups[done:], start=done):
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
-            calibrate_step(qmodel, data.subset(index), config, row, gen)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            calibrate_step(qmodel, data.subset(index), row, gen, init_n=options.init_n, batch=options.batch,
+                           momentum=options.momentum)
             records.append(UnitRecord(name, "step", "acts", 0, None, None))
             if progress is not None:
                 progress.save(qmodel, "acts", i, names, [r.to_dict() for r in records])
@@ -438,16 +445,17 @@ class _LayerDone(Exception):
 
 @torch.no_grad()
 def pts_for_layer(qmodel: QuantModel, name: str, data: CalibrationCalls, groups: list[tuple[str, int | None, Tensor]],
-                  config: DMQConfig, batch_size: int = 64) -> None:
+                  options: "PTSOptions", batch_size: int = 64) -> None:
     """Set the PTS factors of layer ``name`` (both halves): one vote per group of samples, whose
-    result goes into the group's table row (its step; row None: every row, a static vote). The model runs quantized up to the layer, with earlier layers' factors on."""
+    result goes into the group's table row (its step; row None: every row, a static vote). The
+    model runs quantized up to the layer, with earlier layers' factors on."""
     layer: QuantLayer = qmodel.layers()[name]
     quantizers = list(layer.act_quantizers)
     if not all(isinstance(q, PTSQuantizer) for q in quantizers):
         raise DiffquantError(f"{name}: PTS needs PTSQuantizer inputs (use_pts_quantizers)")
-    one_t = bool(qmodel.timestep_index.timesteps)
+    one_t = one_timestep(qmodel)
     for _, row, index in groups:
-        stats = [PTSStatistics(q.pts_channels, config.pts_D) for q in quantizers]
+        stats = [PTSStatistics(q.pts_channels, options.D) for q in quantizers]
 
         def vote(q, stat):
             def hook(module, args):
@@ -477,22 +485,21 @@ def pts_for_layer(qmodel: QuantModel, name: str, data: CalibrationCalls, groups:
         for q, stat in zip(quantizers, stats):
             if stat.samples == 0:
                 raise DiffquantError(f"{name}: the calibration data never reached its input quantizer")
-            q.multiplier[rows] = stat.multipliers(config.pts, config.pts_kappa).to(q.multiplier)
+            q.multiplier[rows] = stat.multipliers(options.mode, options.kappa).to(q.multiplier)
     layer.clear_cache()
 
 
-def apply_pts(qmodel: QuantModel, names: list[str], calib_set: CalibrationSet, data: CalibrationCalls,
-              buckets: Tensor, config: DMQConfig, *, progress: ReconProgress | None = None, bar: bool = True,
-              ) -> list[UnitRecord]:
+def apply_pts(qmodel: QuantModel, names: list[str], data: CalibrationCalls, buckets: Tensor, options: "PTSOptions",
+              *, progress: ReconProgress | None = None, bar: bool = True) -> list[UnitRecord]:
     """PTS over ``names`` in execution order, one checkpoint per layer."""
     num_rows = max(1, len(qmodel.timestep_index.timesteps))
-    groups = _step_groups(buckets, config.pts_per_step, num_rows)
+    groups = _step_groups(buckets, options.per_step, num_rows)
     done = progress.finished_units("pts", names) if progress is not None else 0
     records = [UnitRecord(**r) for r in progress.records("pts")[:done]] if progress is not None else []
     qmodel.eval()
     with tqdm(total=len(names), initial=done, desc="PTS", disable=not bar, leave=False) as pbar:
         for i, name in enumerate(names[done:], start=done):
-            pts_for_layer(qmodel, name, data, groups, config)
+            pts_for_layer(qmodel, name, data, groups, options)
             refined = sum(int((q.multiplier < 1).sum()) for q in qmodel.layers()[name].act_quantizers)
             log.info("PTS %s: %d (row, channel) factors below 1", name, refined)
             records.append(UnitRecord(name, "layer", "pts", 0, None, None))
@@ -500,6 +507,178 @@ def apply_pts(qmodel: QuantModel, names: list[str], calib_set: CalibrationSet, d
                 progress.save(qmodel, "pts", i, names, [r.to_dict() for r in records])
             pbar.update(1)
     return records
+
+
+# ---------------------------------------------------------------------- stages
+@STAGES.register("keep_first_fp")
+class KeepFirstLayerFP(Stage):
+    """DMQ keeps the first executed layer outside the time embedding (conv_in) in FP."""
+
+    family = "coverage"
+    before = frozenset({"weights_init"})
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        keep_first_layer_fp(qmodel)
+
+
+def _attach_scales(qmodel: QuantModel, ctx: StageContext) -> list[str]:
+    names = les_layers(qmodel)
+    layers = qmodel.layers()
+    for name in names:
+        if layers[name].input_scale is None:
+            attach_input_scale(layers[name])
+    ctx.shared["les_layers"] = names
+    return names
+
+
+@dataclass
+@checked
+class LESStageOptions:
+    scope: Literal["layer", "block"] = knob("layer", doc="layer: each layer's τ against its own output (the paper) | block: a unit's τ jointly")
+    iters: int = knob(6000, doc="Adam iterations per layer (block)")
+    lr: float = knob(1e-3, gt=0, doc="learning rate of τ")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    time_weight: str = knob("focal", doc="adaptive timestep weighting: focal | linear | quadratic | uniform (§5.2)")
+    alpha: float = knob(20.0, doc="α of the timestep weighting")
+    momentum: float = knob(0.95, lt=1, doc="momentum of the per-step loss estimate")
+
+    def __post_init__(self) -> None:
+        if self.time_weight not in TIME_WEIGHTS:
+            raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
+
+
+@STAGES.register("les")
+class LES(Stage):
+    """DMQ's learned equivalent scaling τ per input channel, with adaptive timestep weighting (§5.1, §5.2)."""
+
+    family = "scaling"
+    Options = LESStageOptions
+    provides = frozenset({"input_scales"})
+    before = frozenset({"weights_init"})
+    uses_calib_set = True
+    pass_names = ("les",)
+
+    def passes(self, qmodel) -> list[str]:
+        return ["les"]
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        _attach_scales(qmodel, ctx)
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        o = self.options
+        options = LESOptions(iters=o.iters, batch_size=o.batch_size, lr=o.lr, time_weight=o.time_weight, alpha=o.alpha,
+                             momentum=o.momentum, scope=o.scope, seed=ctx.engine.seed, device=ctx.device,
+                             eval_samples=ctx.engine.eval_samples, cache=ctx.cache_options(), progress=ctx.progress)
+        ctx.records += run_les(qmodel, ctx.data, ctx.buckets(), len(ctx.schedule()), options,
+                               layers=ctx.shared["les_layers"], fp_model=ctx.fp_model, progress=ctx.checkpoints)
+
+
+@dataclass
+@checked
+class SmoothQuantOptions:
+    alpha: float = knob(0.5, le=1, doc="τ_c = max|X_c|^α / max|W_c|^(1−α) from the float calibration inputs")
+
+
+@STAGES.register("smoothquant")
+class SmoothQuant(Stage):
+    """SmoothQuant's fixed per-channel scales in LES's slot (the baseline of §5.1)."""
+
+    family = "scaling"
+    Options = SmoothQuantOptions
+    provides = frozenset({"input_scales"})
+    before = frozenset({"weights_init"})
+    uses_calib_set = True
+    pass_names = (SMOOTHQUANT_PASS,)
+
+    def passes(self, qmodel) -> list[str]:
+        return [SMOOTHQUANT_PASS]
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        _attach_scales(qmodel, ctx)
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        ctx.records += run_smoothquant(qmodel, ctx.data, self.options.alpha, layers=ctx.shared["les_layers"],
+                                       fp_model=ctx.fp_model, batch_size=ctx.cache_options().batch_size,
+                                       progress=ctx.checkpoints)
+
+
+@dataclass
+@checked
+class StepTablesOptions:
+    per_step: bool = knob(True, doc="one activation table row per calibration step (false: one shared row)")
+    init_n: int = knob(16, ge=1, doc="random samples of a step for the minmax init")
+    batch: int = knob(16, ge=1, doc="batch of the ema_minmax stream over the step")
+    momentum: float = knob(0.95, lt=1, doc="momentum of that stream")
+
+
+@STAGES.register("step_tables")
+class StepTables(Stage):
+    """DMQ's per-timestep activation tables: per step, minmax on a few samples then EMA over the step (§5.3)."""
+
+    family = "activation_init"
+    Options = StepTablesOptions
+    provides = frozenset({"acts_init", "act_tables"})
+    before = frozenset({"acts_learned", "finetuned"})
+    uses_calib_set = True
+    pass_names = ("acts",)
+
+    def active(self, qmodel) -> bool:
+        return acts_quantized(qmodel)
+
+    def passes(self, qmodel) -> list[str]:
+        return ["acts"]
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        use_activation_tables(qmodel, ctx.schedule() if self.options.per_step else None)
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        ctx.records += calibrate_activations(qmodel, ctx.data, ctx.buckets(), self.options, ctx.engine.seed,
+                                             progress=ctx.checkpoints, bar=ctx.progress)
+
+
+@dataclass
+@checked
+class PTSOptions:
+    mode: Literal["mse", "vote"] = knob("vote", doc="per-channel power-of-two factor: vote (DMQ) | mse")
+    kappa: float = knob(0.85, le=1, doc="κ: vote threshold")
+    D: int = knob(3, doc="largest exponent: factors 2^-d, d ≤ D")
+    layers: list[str] = knob(list(DEFAULT_PTS_LAYERS), doc="name globs of the PTS layers; skip_connection | all")
+    per_step: bool = knob(True, doc="factors per calibration step (official) or one static vote")
+
+    def __post_init__(self) -> None:
+        self.layers = _globs("layers", self.layers, {"skip_connection": DEFAULT_PTS_LAYERS, "all": ["*"]})
+
+
+@STAGES.register("pts")
+class PTS(Stage):
+    """DMQ's channel-wise power-of-two activation scaling, chosen layer by layer by voting (§5.3)."""
+
+    family = "pts"
+    Options = PTSOptions
+    requires = frozenset({"acts_init"})
+    provides = frozenset({"pts"})
+    before = frozenset({"finetuned"})
+    uses_calib_set = True
+    pass_names = ("pts",)
+
+    def active(self, qmodel) -> bool:
+        return acts_quantized(qmodel)
+
+    def passes(self, qmodel) -> list[str]:
+        return ["pts"]
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        names = pts_layer_names(qmodel, self.options.layers)
+        if not names:
+            warnings.warn(f"no layer matches pts layers={self.options.layers}; PTS does nothing", stacklevel=2)
+        use_pts_quantizers(qmodel, names)
+        ctx.shared["pts_layers"] = names
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        names = ctx.shared["pts_layers"]
+        if names:
+            ctx.records += apply_pts(qmodel, names, ctx.data, ctx.buckets(), self.options,
+                                     progress=ctx.checkpoints, bar=ctx.progress)
 
 
 # ---------------------------------------------------------------------- the recipe
@@ -533,69 +712,9 @@ def run_dmq(
     config = config or DMQConfig()
     if calib_set is None:
         raise ConfigError("DMQ needs the calibration set (its timesteps key the per-step tables): pass calib_set=")
-    _check_wrapping(qmodel, config)
-    quant = qmodel.quant_config
-    for p in qmodel.parameters():  # only what a stage trains gets gradients
-        p.requires_grad_(False)
-
-    # -- structure first (it must match a checkpoint before restoring it)
-    keep_first_layer_fp(qmodel)
-    schedule = calibration_schedule(calib_set.ts, calib_set.steps)
-    buckets = timestep_buckets(calib_set.ts, schedule)
-    acts = quant.quantize_acts and bool(qmodel.quantizers("act"))
-    if acts:
-        use_activation_tables(qmodel, schedule if config.per_step_acts else None)
-    layers = qmodel.layers()
-    smoothquant = config.smoothquant_alpha is not None
-    les_names = les_layers(qmodel) if config.les or smoothquant else []
-    for name in les_names:
-        if layers[name].input_scale is None:
-            attach_input_scale(layers[name])
-    pts_names = pts_layer_names(qmodel, config.pts_layers) if acts and config.pts != "off" else []
-    if acts and config.pts != "off" and not pts_names:
-        warnings.warn(f"no layer matches pts_layers={config.pts_layers}; PTS does nothing", stacklevel=2)
-    use_pts_quantizers(qmodel, pts_names)
-
-    data = CalibrationCalls(calib_set, call, device)
-    cache = CacheOptions(dtype=config.cache_dtype, storage=config.cache_storage, memory_limit_mb=config.cache_memory_mb,
-                         directory=None if work_dir is None else str(Path(work_dir) / "unit_cache"))
-    checkpoints = None
-    if work_dir is not None:
-        checkpoints = ReconProgress(work_dir, PASSES, recipe_fingerprint(qmodel, config, calib_set))
-        checkpoints.restore(qmodel)
-
-    records: list[UnitRecord] = []
-    if les_names and smoothquant:
-        records += run_smoothquant(qmodel, data, config.smoothquant_alpha, layers=les_names, fp_model=fp_model,
-                                   batch_size=cache.batch_size, progress=checkpoints)
-    elif les_names:
-        les_options = LESOptions(
-            iters=config.les_iters, batch_size=config.batch_size, lr=config.les_lr, time_weight=config.time_weight,
-            alpha=config.alpha, momentum=config.momentum, scope=config.les_scope, seed=config.seed, device=device,
-            eval_samples=config.eval_samples, cache=cache, progress=progress,
-        )
-        records += run_les(qmodel, data, buckets, len(schedule), les_options, layers=les_names, fp_model=fp_model,
-                           progress=checkpoints)
-    if not (checkpoints is not None and checkpoints.started("weights")):
-        init_weight_quantizers(qmodel)  # lp_shrink per channel on W·τ
-    if quant.quantize_weights and config.weight_recon:
-        units = make_units(qmodel, config.recon_granularity, config.unit_order)
-        options = EngineOptions(seed=config.seed, device=device, eval_samples=config.eval_samples,
-                                progress=progress, cache=cache)
-        weight_pass = AdaRoundPass(
-            iters=config.iters_w, batch_size=config.batch_size, lr=config.lr_w, p=2.0,
-            reg_weight=config.round_reg_weight, beta_start=config.beta_start, beta_end=config.beta_end,
-            warmup=config.warmup,
-        )
-        records += reconstruct(qmodel, units, data, weight_pass, fp_model=fp_model, options=options,
-                               progress=checkpoints)
-    if acts:
-        records += calibrate_activations(qmodel, calib_set, data, buckets, config, progress=checkpoints, bar=progress)
-        if pts_names:
-            records += apply_pts(qmodel, pts_names, calib_set, data, buckets, config, progress=checkpoints,
-                                 bar=progress)
-
-    return finish_recipe(qmodel, config.recipe_name, config, quant, records, work_dir)
+    ctx = StageContext(calib_set=calib_set, call=call, fp_model=fp_model, forward_loop=forward_loop,
+                       work_dir=work_dir, device=device, progress=progress)
+    return run_recipe(qmodel, config.to_recipe(), ctx, recipe_config=config)
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""EDA-DM (METHODS.md §4): TDAC calibration allocation, ``edadm_grid`` ranges, joint FBR reconstruction.
+"""EDA-DM (docs/methods.md §4): TDAC calibration allocation, ``edadm_grid`` ranges, joint FBR reconstruction.
 
 Pipeline, given a model wrapped with :meth:`EDADMConfig.wrap_config` (asymmetric ``edadm_grid``
 ranges, split shortcuts, attention matmuls with an 8-bit softmax):
@@ -21,12 +21,12 @@ registration unit order and calibration trajectories that overlap the evaluation
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -39,18 +39,17 @@ from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
-from ..quant.ranges import validate_init_options
+from ..recipes import STAGES, EngineSettings, ForwardLoop, Recipe, Stage, StageContext, run_recipe
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
-from ..recon.engine import EngineOptions, UnitRecord, reconstruct
+from ..recon.engine import reconstruct
 from ..recon.fbr import FBR_EXCLUDES, FBRPass
-from ..recon.progress import ReconProgress
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .qdiffusion import _fit, _loop
-from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations, recipe_fingerprint
+from .stages import (
+    RANGE_SEARCHES, ActInit, RoundToNearest, Wrap, acts_quantized, configure_range_search, fit_count,
+)
 
 log = logging.getLogger("diffquant.methods")
 
-RANGE_SEARCHES = ("auto", "symmetric_1d")
 #: conv_in/conv_out by role (library) | first/last registered (official) | none
 EIGHT_BIT_RULES = ("conv_in_out", "registration", "none")
 #: the seed evaluation sampling starts at (``diffquant sample``, the main job, bench)
@@ -60,7 +59,7 @@ EVAL_SEED = 0
 @dataclass
 @checked
 class EDADMConfig:
-    """All knobs of EDA-DM (METHODS.md §4, ablation switches §8); defaults = the library's.
+    """All knobs of EDA-DM (docs/methods.md §4, ablation switches §8); defaults = the library's.
 
     The reconstruction hyperparameters default to the DDIM CIFAR-10 W4A8 row of §4.3 (the
     official setting closest to the small pixel-space models this library ships with).
@@ -176,67 +175,60 @@ class EDADMConfig:
     def recipe_name(self) -> str:
         return "edadm_official" if self.official else "edadm"
 
-    # ------------------------------------------------------------------ wrapping
+    # ------------------------------------------------------------------ as stages
+    def to_recipe(self) -> Recipe:
+        """These knobs as the stage list of the ``edadm`` preset (``recipes/presets``)."""
+        stages = [
+            TDACSelection(n=self.tdac_n, batch=self.tdac_b, lam=self.tdac_lambda, radius=self.tdac_radius,
+                          feature_layer=self.tdac_feature_layer, report_dir=self.tdac_report_dir,
+                          seed=self.calib_seed, enabled=self.tdac, overlaps_eval=self.calib_overlaps_eval),
+            Wrap(split=self.split, softmax_bits=self.softmax_bits, attn_matmul=self.attn_matmul,
+                 weight_grid="asymmetric", act_grid="asymmetric", weight_only=self.weight_only),
+            EightBitLayers(rule=self.eight_bit),
+            RoundToNearest(policy="edadm_grid", range_search=self.range_search),
+            ActInit(policy="edadm_grid", n=self.act_init_n, batch=self.act_init_batch),
+            FBR(joint=self.joint, iters=self.iters, batch_size=self.batch_size, lr_w=self.lr_w, lr_a=self.lr_a,
+                p=self.p, add_loss=self.add_loss, qdrop_p=self.qdrop_p, input_mix=self.input_mix,
+                round_reg_weight=self.round_reg_weight if self.round_reg else 0.0, beta_start=self.beta_start,
+                beta_end=self.beta_end, warmup=self.warmup, exclude=self.fbr_exclude,
+                extra_forward=self.fbr_extra_forward, granularity=self.recon_granularity,
+                unit_order=self.unit_order),
+        ]
+        engine = EngineSettings(seed=self.seed, cache_dtype=self.cache_dtype, cache_storage=self.cache_storage,
+                                cache_memory_mb=self.cache_memory_mb, eval_samples=self.eval_samples)
+        return Recipe(self.recipe_name, stages, engine, description=_DESCRIPTION[self.official])
+
     def wrap_config(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with EDA-DM's wrapping knobs applied (a new object): asymmetric grids with
         ``edadm_grid`` ranges for weights and activations, split, attention matmuls and softmax
         bits. The 8-bit rule depends on the traced and registration order of the wrapped model,
-        so :func:`run_edadm` applies it (:func:`apply_eight_bit_rule`)."""
-        quant = dataclasses.replace(
-            quant,
-            split=self.split,
-            softmax_bits=self.softmax_bits,
-            attn_matmul=self.attn_matmul,
-            weight_init="edadm_grid",
-            act_init="edadm_grid",
-            weight_grid="asymmetric",
-            act_grid="asymmetric",
-            quantize_acts=False if self.weight_only else quant.quantize_acts,
-        )
-        quant.__post_init__()
-        return quant
+        so the ``eight_bit_layers`` stage applies it (:func:`apply_eight_bit_rule`)."""
+        return self.to_recipe().wrap_config(quant)
 
-    # ------------------------------------------------------------------ calibration data
     def capture_options(self, unet: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> dict:
-        """Extra ``capture_trajectories`` arguments this recipe needs: the TDAC feature hook (found
-        from a forward on ``example_inputs`` unless named) and, with ``calib_overlaps_eval``, the
-        evaluation seed."""
-        options: dict = {}
-        if self.tdac:
-            options["feature_hooks"] = feature_hooks(unet, self.tdac_feature_layer, example_inputs)
-        if self.calib_overlaps_eval:
-            options["seed"] = EVAL_SEED
-        return options
+        """Extra ``capture_trajectories`` arguments: the TDAC feature hook and, with
+        ``calib_overlaps_eval``, the evaluation seed."""
+        return self.to_recipe().capture_options(unet, example_inputs)
 
     def allocate(self, cache: TrajectoryCache) -> tuple[CalibrationSet, TDACResult]:
-        """The calibration set and its TDAC allocation (N is reduced to the cache's trajectories,
-        with a warning)."""
-        n = _fit("tdac_n", self.tdac_n, cache.num_samples, "trajectories")
-        return select_tdac(cache, n, batch=self.tdac_b, lam=self.tdac_lambda, radius=self.tdac_radius,
-                           layer=self.tdac_feature_layer, seed=self.calib_seed, enabled=self.tdac)
+        """The calibration set and its TDAC allocation (N is reduced to the cache's trajectories)."""
+        return self.to_recipe().stages[0].allocate(cache)
 
     def select_calibration(self, cache: TrajectoryCache) -> CalibrationSet:
         """TDAC's calibration set from captured FP trajectories (§4.1); tdac.json and the N_k plot
         are written to ``tdac_report_dir`` or beside the cache."""
-        calib_set, result = self.allocate(cache)
-        try:
-            directory = self._report_dir(cache, result)
-            result.save(directory)
-            log.info("TDAC allocation written to %s", directory)
-        except OSError as exc:  # a read-only cache directory must not stop calibration
-            warnings.warn(f"could not write the TDAC report: {exc}", stacklevel=2)
-        return calib_set
+        return self.to_recipe().select(cache)
 
-    def _report_dir(self, cache: TrajectoryCache, result: TDACResult) -> Path:
-        if self.tdac_report_dir is not None:
-            return Path(self.tdac_report_dir)
-        digest = hashlib.sha256(json.dumps(result.settings, sort_keys=True).encode()).hexdigest()[:12]
-        return Path(cache.path) / f"tdac-{digest}"
+
+_DESCRIPTION = {
+    False: "EDA-DM (arXiv 2401.04585): TDAC calibration, edadm_grid ranges, joint FBR reconstruction",
+    True: "EDA-DM with the official code's switches (§4.4)",
+}
 
 
 @dataclass
 class EDADMOfficialConfig(EDADMConfig):
-    """``edadm_official``: the official code's switches (METHODS.md §4.4)."""
+    """``edadm_official``: the official code's switches (docs/methods.md §4.4)."""
 
     range_search: str = "symmetric_1d"
     eight_bit: str = "registration"
@@ -309,60 +301,158 @@ def apply_eight_bit_rule(qmodel: QuantModel, rule: str = "conv_in_out") -> dict[
     return changed
 
 
-def configure_range_search(qmodel: QuantModel, mode: str = "auto") -> None:
-    """``symmetric_1d``: every ``edadm_grid`` quantizer searches symmetric 1-D candidates (the
-    official code's inverted flag); ``auto`` leaves the 1-D/2-D choice to the data's side."""
-    if mode not in RANGE_SEARCHES:
-        raise ConfigError(f"range_search must be one of {', '.join(RANGE_SEARCHES)}, got {mode!r}")
-    for q in qmodel.quantizers().values():
-        if q.init != "edadm_grid":
-            continue
-        options = {k: v for k, v in q.init_options.items() if k != "symmetric"}
-        if mode == "symmetric_1d":
-            options["symmetric"] = True
-        q.init_options = validate_init_options(q.init, options)
-
-
 def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: EDADMConfig,
                      forward_loop: ForwardLoop | None = None, progress: bool = False) -> None:
-    """§4.2: stream ``act_init_n`` samples (all by default) in batches of ``act_init_batch`` with
-    weights and activations quantized; each batch runs every activation search and smooths the
-    range (``edadm_grid``: 0.9·old + 0.1·batch). Without data the ``forward_loop`` is used."""
-    if data is None:
-        if forward_loop is None:
-            raise ConfigError("activation quantization needs calibration data: pass calib_set or a forward_loop")
-        observe_activations(qmodel, forward_loop)
-        return
-    n = len(data) if config.act_init_n is None else min(config.act_init_n, len(data))
-    subset = data if n == len(data) else data.subset(slice(0, n))
-    desc = f"activation ranges ({config.range_search})" if progress else None
-    observe_activations(qmodel, _loop(subset, config.act_init_batch, bool(qmodel.timestep_index.timesteps), desc))
-
-
-def _check_wrapping(qmodel: QuantModel, config: EDADMConfig) -> None:
-    expected = config.wrap_config(dataclasses.replace(qmodel.quant_config))
-    fields = ("split", "softmax_bits", "attn_matmul", "weight_init", "act_init", "act_grid", "weight_grid",
-              "quantize_acts")
-    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.quant_config, f)]
-    if differ:
-        warnings.warn(
-            f"the model was wrapped with other {', '.join(differ)} than this EDA-DM config asks for; "
-            "wrap it with EDADMConfig.wrap_config(quant_config) to get them", stacklevel=3)
+    """§4.2 (the recipe's ``act_init`` stage): stream ``act_init_n`` samples (all by default) in
+    batches of ``act_init_batch`` with weights and activations quantized; each batch runs every
+    activation search and smooths the range (``edadm_grid``: 0.9·old + 0.1·batch)."""
+    ctx = StageContext(calib_set=None if data is None else data.calib_set, forward_loop=forward_loop,
+                       engine=EngineSettings(seed=config.seed), progress=progress)
+    ctx.data = data
+    config.to_recipe().stage("act_init").run(qmodel, ctx)
 
 
 def fbr_passes(config: EDADMConfig, quantize_acts: bool) -> list[FBRPass]:
     """The reconstruction pass(es) of ``config``: one joint pass, or weights then steps."""
-    common = dict(
-        iters=config.iters, batch_size=config.batch_size, lr_w=config.lr_w, lr_a=config.lr_a, p=config.p,
-        add_loss=config.add_loss, qdrop_p=config.qdrop_p, input_mix=config.input_mix,
-        round_reg_weight=config.round_reg_weight if config.round_reg else 0.0, beta_start=config.beta_start,
-        beta_end=config.beta_end, warmup=config.warmup, exclude=config.fbr_exclude,
-        extra_forward=config.fbr_extra_forward, quantize_acts=quantize_acts,
-    )
-    if config.joint or not quantize_acts:
-        return [FBRPass(**common)]
-    return [FBRPass(**common, learn_acts=False, name="fbr_weights"),
-            FBRPass(**common, learn_weights=False, name="fbr_acts")]
+    return config.to_recipe().stage("fbr").recon_passes(quantize_acts)
+
+
+# ---------------------------------------------------------------------- stages
+@dataclass
+@checked
+class TDACOptions:
+    n: int = knob(1024, ge=1, doc="N: calibration samples = trajectories (one sample each)")
+    batch: int = knob(1024, ge=1, doc="B: trajectories whose features are compared")
+    lam: float = knob(1.2, doc="λ: weight of the diversity score (--lamda)")
+    radius: float = knob(3.0, doc="r: density radius on the feature MSE (dense_r; model-dependent scale)")
+    feature_layer: str = knob("auto", doc="feature hook: a module name, or auto (from the traced graph)")
+    report_dir: str | None = knob(None, doc="where tdac.json and the N_k plot go (null: beside the cache)")
+    seed: int = knob(0, doc="seed of the trajectory choice")
+    enabled: bool = knob(True, doc="density/diversity allocation; false: the same N spread evenly")
+    overlaps_eval: bool = knob(False, doc="capture with the evaluation seed, as the official code does")
+
+
+@STAGES.register("select_tdac")
+class TDACSelection(Stage):
+    """EDA-DM's TDAC: N trajectories, one sample each, at steps allocated by feature density and diversity (§4.1)."""
+
+    family = "selection"
+    Options = TDACOptions
+    provides = frozenset({"calibration_set"})
+
+    def capture_options(self, unet: nn.Module, example_inputs) -> dict:
+        options: dict = {}
+        if self.options.enabled:
+            options["feature_hooks"] = feature_hooks(unet, self.options.feature_layer, example_inputs)
+        if self.options.overlaps_eval:
+            options["seed"] = EVAL_SEED
+        return options
+
+    def allocate(self, cache: TrajectoryCache) -> tuple[CalibrationSet, TDACResult]:
+        o = self.options
+        n = fit_count("n", o.n, cache.num_samples, "trajectories")
+        return select_tdac(cache, n, batch=o.batch, lam=o.lam, radius=o.radius, layer=o.feature_layer,
+                           seed=o.seed, enabled=o.enabled)
+
+    def select(self, cache: TrajectoryCache) -> CalibrationSet:
+        calib_set, result = self.allocate(cache)
+        try:
+            directory = self._report_dir(cache, result)
+            result.save(directory)
+            log.info("TDAC allocation written to %s", directory)
+        except OSError as exc:  # a read-only cache directory must not stop calibration
+            warnings.warn(f"could not write the TDAC report: {exc}", stacklevel=2)
+        return calib_set
+
+    def _report_dir(self, cache: TrajectoryCache, result: TDACResult) -> Path:
+        if self.options.report_dir is not None:
+            return Path(self.options.report_dir)
+        digest = hashlib.sha256(json.dumps(result.settings, sort_keys=True).encode()).hexdigest()[:12]
+        return Path(cache.path) / f"tdac-{digest}"
+
+
+@dataclass
+@checked
+class EightBitOptions:
+    rule: Literal["conv_in_out", "registration", "none"] = knob(
+        "conv_in_out", doc="conv_in_out: conv_in and conv_out at W8, conv_out input FP | registration (official) | none")
+
+
+@STAGES.register("eight_bit_layers")
+class EightBitLayers(Stage):
+    """EDA-DM's higher-precision first and last layers (:func:`apply_eight_bit_rule`)."""
+
+    family = "coverage"
+    Options = EightBitOptions
+    before = frozenset({"weights_init"})
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        apply_eight_bit_rule(qmodel, self.options.rule)
+
+
+@dataclass
+@checked
+class FBROptions:
+    joint: bool = knob(True, doc="one joint pass (true) or a weight pass then an activation-step pass")
+    iters: int = knob(5000, doc="iterations per unit")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    lr_w: float = knob(5e-1, gt=0, doc="learning rate of the rounding variables")
+    lr_a: float = knob(5e-4, gt=0, doc="learning rate of the activation steps")
+    p: float = knob(2.0, gt=0, doc="exponent of the block and layer losses")
+    add_loss: float = knob(0.8, doc="weight of the layer losses (0: plain block loss)")
+    qdrop_p: float = knob(0.5, le=1, doc="QDrop: probability of keeping Q(x) per element (1: off)")
+    input_mix: float = knob(0.5, le=1, doc="probability of x_in^q per element of the unit input (1: x_in^q only)")
+    round_reg_weight: float = knob(1e-4, doc="λ of the AdaRound rounding regulariser (0: off, the official code)")
+    beta_start: float = knob(20.0, doc="β at the end of the warm-up")
+    beta_end: float = knob(2.0, doc="β at the last iteration")
+    warmup: float = knob(0.2, lt=1, doc="fraction of iterations without the regulariser")
+    exclude: str = knob("executed", doc="layer left out of the layer losses: executed | registered (official)")
+    extra_forward: bool = knob(False, doc="ŷ_l from an extra hooked quantized forward (official: 3 forwards)")
+    granularity: Literal["block", "layer"] = knob("block", doc="reconstruction unit: block | layer")
+    unit_order: Literal["execution", "registration"] = knob("execution", doc="unit order")
+
+    def __post_init__(self) -> None:
+        if self.exclude not in FBR_EXCLUDES:
+            raise ConfigError(f"fbr_exclude must be one of {', '.join(FBR_EXCLUDES)}, got {self.exclude!r}")
+
+
+@STAGES.register("fbr")
+class FBR(Stage):
+    """EDA-DM's fine-grained block reconstruction: AdaRound V and activation steps jointly, QDrop, layer-augmented loss (§4.2)."""
+
+    family = "weight_rounding"
+    Options = FBROptions
+    requires = frozenset({"weights_init"})
+    provides = frozenset({"weights_rounded", "acts_learned"})
+    before = frozenset({"finetuned"})
+    pass_names = ("fbr", "fbr_weights", "fbr_acts")
+
+    def needs_calib_set(self, qmodel) -> bool:
+        return self.options.iters > 0
+
+    def recon_passes(self, quantize_acts: bool) -> list[FBRPass]:
+        o = self.options
+        common = dict(
+            iters=o.iters, batch_size=o.batch_size, lr_w=o.lr_w, lr_a=o.lr_a, p=o.p, add_loss=o.add_loss,
+            qdrop_p=o.qdrop_p, input_mix=o.input_mix, round_reg_weight=o.round_reg_weight,
+            beta_start=o.beta_start, beta_end=o.beta_end, warmup=o.warmup, exclude=o.exclude,
+            extra_forward=o.extra_forward, quantize_acts=quantize_acts,
+        )
+        if o.joint or not quantize_acts:
+            return [FBRPass(**common)]
+        return [FBRPass(**common, learn_acts=False, name="fbr_weights"),
+                FBRPass(**common, learn_weights=False, name="fbr_acts")]
+
+    def passes(self, qmodel) -> list[str]:
+        return [p.name for p in self.recon_passes(acts_quantized(qmodel))]
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        if ctx.data is None:
+            return
+        units = make_units(qmodel, self.options.granularity, self.options.unit_order)
+        for recon_pass in self.recon_passes(acts_quantized(qmodel)):
+            ctx.records += reconstruct(qmodel, units, ctx.data, recon_pass, fp_model=ctx.fp_model,
+                                       options=ctx.engine_options(), progress=ctx.checkpoints)
 
 
 def run_edadm(
@@ -392,41 +482,9 @@ def run_edadm(
             ``work_dir`` and settings resumes there. Per-unit records go to ``records.json``.
     """
     config = config or EDADMConfig()
-    if calib_set is None and config.iters > 0:
-        raise ConfigError("EDA-DM reconstruction needs the calibration set: pass calib_set=")
-    _check_wrapping(qmodel, config)
-    quant = qmodel.quant_config
-    for p in qmodel.parameters():  # only what a pass trains gets gradients
-        p.requires_grad_(False)
-    apply_eight_bit_rule(qmodel, config.eight_bit)
-    configure_range_search(qmodel, config.range_search)
-
-    data = None if calib_set is None else CalibrationCalls(calib_set, call, device)
-    passes = fbr_passes(config, quant.quantize_acts and bool(qmodel.quantizers("act")))
-    checkpoints = None
-    if work_dir is not None and calib_set is not None:
-        checkpoints = ReconProgress(work_dir, [p.name for p in passes], recipe_fingerprint(qmodel, config, calib_set))
-    resumed = checkpoints.restore(qmodel) if checkpoints is not None else False
-
-    if not resumed:
-        init_weight_quantizers(qmodel)
-        if quant.quantize_acts and qmodel.quantizers("act"):
-            init_activations(qmodel, data, config, forward_loop, progress=progress)
-
-    records: list[UnitRecord] = []
-    if data is not None:
-        units = make_units(qmodel, config.recon_granularity, config.unit_order)
-        options = EngineOptions(
-            seed=config.seed, device=device, eval_samples=config.eval_samples, progress=progress,
-            cache=CacheOptions(dtype=config.cache_dtype, storage=config.cache_storage,
-                               memory_limit_mb=config.cache_memory_mb,
-                               directory=None if work_dir is None else str(Path(work_dir) / "unit_cache")),
-        )
-        for recon_pass in passes:
-            records += reconstruct(qmodel, units, data, recon_pass, fp_model=fp_model, options=options,
-                                   progress=checkpoints)
-
-    return finish_recipe(qmodel, config.recipe_name, config, quant, records, work_dir)
+    ctx = StageContext(calib_set=calib_set, call=call, fp_model=fp_model, forward_loop=forward_loop,
+                       work_dir=work_dir, device=device, progress=progress)
+    return run_recipe(qmodel, config.to_recipe(), ctx, recipe_config=config)
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""MPQ-DM (METHODS.md §6) and its substrate EfficientDM, as recipes ``mpqdm``, ``mpqdm_official``
+"""MPQ-DM (docs/methods.md §6) and its substrate EfficientDM, as recipes ``mpqdm``, ``mpqdm_official``
 and ``efficientdm``.
 
 Not a reconstruction method. Given a model wrapped with :meth:`MPQDMConfig.wrap_config`
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..calib.cache import TrajectoryCache
-from ..calib.select import CalibrationSet, all_steps
+from ..calib.select import CalibrationSet
 from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..finetune.coverage import DEFAULT_EIGHT_BIT, DEFAULT_FP, apply_coverage
@@ -44,17 +44,21 @@ from ..finetune.qalora import (
 )
 from ..finetune.stage1 import Stage1Options, run_stage1
 from ..finetune.trd import TRD_GRADS, TRD_LOSSES
+from ..jsonio import write_json
 from ..model.qmodel import QuantModel
 from ..quant.omq import CANDIDATE_MODES, CRITERIA
+from ..recipes import STAGES, EngineSettings, ForwardLoop, Recipe, Stage, StageContext, run_recipe
 from ..recon.cache import DenoiserCall, default_call
-from .stages import ForwardLoop, recipe_fingerprint
-from ..jsonio import write_json
+from ..recon.progress import fingerprint_of
+from .stages import AllStepsSelection, Wrap, acts_quantized
+
+_FT = FinetuneOptions()
 
 
 @dataclass
 @checked
 class MPQDMConfig:
-    """All knobs of MPQ-DM (METHODS.md §6, ablation switches §8); defaults = the library's."""
+    """All knobs of MPQ-DM (docs/methods.md §6, ablation switches §8); defaults = the library's."""
 
     # -- wrapping
     #: W-only: no activation quantization (no TALSQ)
@@ -148,30 +152,41 @@ class MPQDMConfig:
             return "efficientdm"
         return "mpqdm_official" if self.official else "mpqdm"
 
+    def to_recipe(self) -> Recipe:
+        """These knobs as the stage list of the ``mpqdm`` preset (``recipes/presets``)."""
+        stages = [
+            AllStepsSelection(cali_n=self.pool_n),
+            Wrap(split=False, attn_matmul=False, weight_only=self.weight_only),
+            RoleCoverage(eight_bit_layers=self.eight_bit_layers, fp_layers=self.fp_layers),
+            OMQ(smooth=self.smooth, smooth_alpha=self.smooth_alpha, mixed=self.omq, criterion=self.omq_criterion,
+                candidates=self.omq_candidates, batch=self.stage1_batch, pick_seed=self.calib_seed),
+            QALoRA(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QALoRAOptions)}),
+        ]
+        return Recipe(self.recipe_name, stages, EngineSettings(seed=self.seed), description=_DESCRIPTION[self.recipe_name])
+
     def wrap_config(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with MPQ-DM's wrapping: lp_shrink ranges, no split, attention matmuls FP."""
-        quant = dataclasses.replace(
-            quant, split=False, attn_matmul=False, weight_init="lp_shrink", act_init="lp_shrink",
-            quantize_acts=False if self.weight_only else quant.quantize_acts,
-        )
-        quant.__post_init__()
-        return quant
+        return self.to_recipe().wrap_config(quant)
 
     def select_calibration(self, cache: TrajectoryCache) -> CalibrationSet:
         """The calibration pool: every step of the captured trajectories (``pool_n`` each)."""
-        n = None if self.pool_n is None else min(self.pool_n, cache.num_samples)
-        return all_steps(cache, n)
+        return self.to_recipe().select(cache)
 
     def finetune_options(self, steps: int, guidance: float) -> FinetuneOptions:
         """The loop's options: every FinetuneOptions field this config shares by name, plus K and g."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneOptions)
-                  if hasattr(self, f.name) and f.name not in ("steps", "guidance")}
-        return FinetuneOptions(steps=steps, guidance=guidance, **shared)
+        return self.to_recipe().stage("qalora").finetune_options(steps, guidance, self.seed)
+
+
+_DESCRIPTION = {
+    "mpqdm": "MPQ-DM (arXiv 2412.11549): kurtosis-driven mixed precision (OMQ), QALoRA fine-tuning with TRD",
+    "mpqdm_official": "MPQ-DM with the official code's switches (§6.5)",
+    "efficientdm": "EfficientDM: QALoRA/TALSQ fine-tuning alone (no smoothing, OMQ or TRD; weight zero point frozen)",
+}
 
 
 @dataclass
 class MPQDMOfficialConfig(MPQDMConfig):
-    """``mpqdm_official``: the official code's switches (METHODS.md §6.5)."""
+    """``mpqdm_official``: the official code's switches (docs/methods.md §6.5)."""
 
     omq_candidates: str = "code"
     trd_grad: str = "none"
@@ -203,24 +218,14 @@ def _schedule(bundle, calib_set: CalibrationSet | None, steps: int | None) -> li
     return [int(t) for t in scheduler_timesteps(bundle.scheduler_config, "ddim", steps)]
 
 
-def _guidance(config: MPQDMConfig, bundle) -> float:
-    if config.guidance is not None:
-        return float(config.guidance)
-    if bundle is None:
-        return 1.0
-    from ..pipeline import default_guidance
-
-    return default_guidance(bundle)
-
-
 def _stage1_runner(calib_set: CalibrationSet | None, forward_loop: ForwardLoop | None, call: DenoiserCall | None,
-                   config: MPQDMConfig, device):
+                   batch: int, seed: int, device):
     if calib_set is None:
         if forward_loop is None:
             raise ConfigError("MPQ-DM Stage 1 needs calibration data: pass calib_set or a forward_loop")
         return forward_loop
-    n = min(config.stage1_batch, len(calib_set))
-    gen = torch.Generator().manual_seed(config.calib_seed)
+    n = min(batch, len(calib_set))
+    gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(calib_set), generator=gen)[:n]
     x, t, labels = calib_set[idx]
     run = call or default_call
@@ -229,6 +234,210 @@ def _stage1_runner(calib_set: CalibrationSet | None, forward_loop: ForwardLoop |
         run(model, x.to(device=device, dtype=torch.float32), t.to(device), None if labels is None else labels.to(device))
 
     return loop
+
+
+def _mixed_layers(qmodel: QuantModel, ctx: StageContext) -> list[str]:
+    """The role_coverage stage's mixed layers, else every wrapped layer."""
+    coverage = ctx.shared.get("coverage")
+    return list(coverage["mixed"]) if coverage is not None else [lp.name for lp in qmodel.plan.layers]
+
+
+def _keep_records(qmodel: QuantModel, ctx: StageContext) -> None:
+    qmodel.mpq_records = {"coverage": ctx.shared.get("coverage"), "stage1": ctx.shared.get("stage1", []),
+                          "history": ctx.shared.get("history", [])}
+    if ctx.work_dir is not None:
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(ctx.work_dir / "mpqdm_records.json", qmodel.mpq_records, indent=1, default=float)
+    qmodel.clear_weight_cache()
+
+
+# ---------------------------------------------------------------------- stages
+@dataclass
+@checked
+class RoleCoverageOptions:
+    eight_bit_layers: list[str] = knob(list(DEFAULT_EIGHT_BIT), doc="W8A8 (static, frozen) layers: @roles or name globs")
+    fp_layers: list[str] = knob(list(DEFAULT_FP), doc="layers kept FP: @shortcut, @downsample or name globs")
+
+
+@STAGES.register("role_coverage")
+class RoleCoverage(Stage):
+    """MPQ-DM's coverage by role: 8-bit and FP layers; the rest are the mixed layers (§6)."""
+
+    family = "coverage"
+    Options = RoleCoverageOptions
+    provides = frozenset({"mixed_layers"})
+    before = frozenset({"weights_init"})
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        ctx.shared["coverage"] = apply_coverage(qmodel, self.options.eight_bit_layers, self.options.fp_layers)
+
+
+@dataclass
+@checked
+class OMQOptions:
+    mixed: bool = knob(True, doc="OMQ: kurtosis split of the output channels into N−1 / N / N+1-bit groups (false: uniform N bits)")
+    criterion: str = knob("kurtosis", doc="channel ranking: kurtosis | random | head_tail")
+    candidates: str = knob("paper", doc="split sizes: paper (k = 0, g, 2g, … ≤ C/2) | code ({0, g})")
+    smooth: bool = knob(True, doc="SmoothQuant pre-scaling of the mixed layers")
+    smooth_alpha: float = knob(0.5, le=1, doc="α of that smoothing")
+    batch: int = knob(32, ge=1, doc="random calibration tuples in the one Stage-1 forward")
+    pick_seed: int = knob(0, doc="seed of that draw")
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"omq_criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.candidates not in CANDIDATE_MODES:
+            raise ConfigError(f"omq_candidates must be one of {', '.join(CANDIDATE_MODES)}, got {self.candidates!r}")
+
+
+@STAGES.register("omq")
+class OMQ(Stage):
+    """MPQ-DM Stage 1: smoothing, OMQ bit allocation and lp_shrink ranges of every quantizer from one forward (§6.1)."""
+
+    family = "bit_allocation"
+    Options = OMQOptions
+    requires = frozenset({"mixed_layers"})
+    before = frozenset({"weights_rounded", "finetuned"})
+
+    def facts(self):
+        provides = {"weights_init", "acts_init"}
+        provides |= {"bit_allocation"} if self.options.mixed else set()
+        provides |= {"input_scales"} if self.options.smooth else set()
+        return frozenset(provides), self.requires, self.before
+
+    def wrap_overrides(self, quant) -> dict:
+        return {"weight_init": "lp_shrink", "act_init": "lp_shrink"}
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        o = self.options
+        quant = qmodel.quant_config
+        runner = _stage1_runner(ctx.calib_set, ctx.forward_loop, ctx.call, o.batch, o.pick_seed, ctx.device)
+        ctx.shared["stage1"] = run_stage1(
+            qmodel, runner, ctx.shared["coverage"]["mixed"],
+            Stage1Options(smooth=o.smooth, alpha=o.smooth_alpha, omq=o.mixed, criterion=o.criterion,
+                          candidates=o.candidates, seed=ctx.engine.seed),
+            quantize_weights=quant.quantize_weights, quantize_acts=quant.quantize_acts,
+        )
+
+    def finish(self, qmodel, ctx: StageContext) -> None:
+        _keep_records(qmodel, ctx)
+
+
+@dataclass
+@checked
+class QALoRAOptions:
+    lora_rank: int = knob(32, doc="rank of the LoRA adapters on the mixed layers (0: none)")
+    epochs: int = knob(_FT.epochs, doc="E: epochs of data-free distillation (ImageNet: 800)")
+    steps: int | None = knob(None, ge=1, doc="K: DDIM steps of the fine-tuning (and sampling) schedule; null: the calibration schedule")
+    batch_size: int = knob(_FT.batch_size, ge=1, doc="trajectories per update")
+    guidance: float | None = knob(None, doc="CFG scale in the loop; null: the model's default")
+    lora_lr: str = knob(_FT.lora_lr, doc="LoRA lr base ā: library (channels' own steps) | code (with placeholders)")
+    lora_lr_divisor: float = knob(_FT.lora_lr_divisor, gt=0, doc="LoRA lr = ā / this")
+    weight_lr: float = knob(_FT.weight_lr, gt=0, doc="lr of the weight steps (and zero points)")
+    act_lr: float = knob(_FT.act_lr, gt=0, doc="lr of the TALSQ activation steps")
+    weight_decay: float = knob(_FT.weight_decay, doc="AdamW weight decay")
+    learn_weight_zero_point: bool = knob(_FT.learn_weight_zero_point, doc="learn the weight zero point (EfficientDM: step only)")
+    trd: bool = knob(_FT.trd, doc="TRD: time-smoothed relation distillation")
+    trd_grad: str = knob(_FT.trd_grad, doc="current | window | none (official: detached)")
+    trd_n: int = knob(_FT.trd_n, ge=1, doc="steps in the TRD window")
+    trd_tau: float = knob(_FT.trd_tau, gt=0, doc="temperature of the relation softmax")
+    trd_weight: float = knob(_FT.trd_weight, doc="weight of the TRD loss")
+    trd_loss: str = knob(_FT.trd_loss, doc="relation_kl | l2_feature")
+    trd_feature: str | None = knob(_FT.trd_feature, doc="module whose output TRD compares (null: the last block before the head)")
+
+    def __post_init__(self) -> None:
+        if self.trd_grad not in TRD_GRADS:
+            raise ConfigError(f"trd_grad must be one of {', '.join(TRD_GRADS)}, got {self.trd_grad!r}")
+        if self.trd_loss not in TRD_LOSSES:
+            raise ConfigError(f"trd_loss must be one of {', '.join(TRD_LOSSES)}, got {self.trd_loss!r}")
+        if self.lora_lr not in LORA_LR_MODES:
+            raise ConfigError(f"lora_lr must be one of {', '.join(LORA_LR_MODES)}, got {self.lora_lr!r}")
+
+
+@STAGES.register("qalora")
+class QALoRA(Stage):
+    """EfficientDM/MPQ-DM Stage 2: TALSQ tables, LoRA, distillation along the FP trajectory with optional TRD (§6.2–§6.4)."""
+
+    family = "finetune"
+    Options = QALoRAOptions
+    requires = frozenset({"weights_init"})
+    provides = frozenset({"finetuned"})
+
+    def finetune_options(self, steps: int, guidance: float, seed: int) -> FinetuneOptions:
+        shared = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(FinetuneOptions)
+                  if hasattr(self.options, f.name) and f.name not in ("steps", "guidance")}
+        return FinetuneOptions(steps=steps, guidance=guidance, seed=seed, **shared)
+
+    def _guidance(self, ctx: StageContext) -> float:
+        if self.options.guidance is not None:
+            return float(self.options.guidance)
+        if ctx.guidance is not None:
+            return float(ctx.guidance)
+        return 1.0 if ctx.bundle is None else ctx.bundle.default_guidance
+
+    def prepare(self, qmodel, ctx: StageContext) -> None:
+        o = self.options
+        if o.epochs > 0 and (ctx.fp_model is None or (ctx.bundle is None and ctx.calib_set is None)):
+            raise ConfigError("MPQ-DM / EfficientDM fine-tuning distils the float model along its trajectories: pass "
+                              "bundle= (sampled, the paper's) or fp_model= with a recorded calib_set")
+        tables = acts_quantized(qmodel)
+        ctx.shared["timesteps"] = _schedule(ctx.bundle, ctx.calib_set, o.steps) if (tables or o.epochs > 0) else []
+        mixed = _mixed_layers(qmodel, ctx)
+        ctx.shared["trained"] = mixed
+        ctx.shared["lora_layers"] = [n for n in mixed if any(q.active for q in qmodel.layers()[n].weight_quantizers)
+                                     ] if o.lora_rank else []
+
+    def _checkpoint(self, ctx: StageContext):
+        if ctx.work_dir is None:
+            return None, None
+        if "finetune_checkpoint" not in ctx.shared:
+            checkpoint = FinetuneCheckpoint(ctx.work_dir, fingerprint_of(
+                {"recipe": ctx.fingerprint, "timesteps": ctx.shared["timesteps"]}))
+            ctx.shared["finetune_checkpoint"] = (checkpoint, checkpoint.read_state())
+        return ctx.shared["finetune_checkpoint"]
+
+    def resumed(self, qmodel, ctx: StageContext) -> bool:
+        return self._checkpoint(ctx)[1] is not None
+
+    def run(self, qmodel, ctx: StageContext) -> None:
+        o = self.options
+        timesteps = ctx.shared["timesteps"]
+        checkpoint, state = self._checkpoint(ctx)
+        if acts_quantized(qmodel):
+            expand_act_tables(qmodel, timesteps)
+        attach_adapters(qmodel, ctx.shared["lora_layers"], o.lora_rank, seed=ctx.engine.seed)
+        if state is None:
+            if checkpoint is not None:
+                checkpoint.save(qmodel, 0, [], extra={"stage1": ctx.shared.get("stage1", []),
+                                                      "coverage": ctx.shared.get("coverage")})
+            history: list[dict] = []
+            start = 0
+        else:
+            checkpoint.restore_model(qmodel)
+            ctx.shared["stage1"] = checkpoint.extra.get("stage1", [])
+            history, start = state["history"], int(state["epoch"])
+
+        trained = ctx.shared["trained"]
+        if o.epochs > start:
+            options = self.finetune_options(len(timesteps), self._guidance(ctx), ctx.engine.seed)
+            set_trainable(qmodel, trained, options.learn_weight_zero_point)
+            optimizer, scheduler, _ = build_optimizer(qmodel, trained, options)
+            if state is not None:
+                FinetuneCheckpoint.restore_optimizer(state, checkpoint.root, optimizer, scheduler)
+            source = None
+            if ctx.bundle is None:  # trajectories recorded from the user's pipeline or sampler
+                from ..calib.conditioning import conditioned_call
+                from ..finetune.qalora import RecordedTrajectories
+
+                source = RecordedTrajectories(ctx.calib_set, ctx.call or conditioned_call, options,
+                                              torch.device(ctx.device))
+            history = finetune(qmodel, ctx.fp_model, ctx.bundle, trained, options, checkpoint=checkpoint,
+                               start_epoch=start, history=history, optimizer=optimizer, scheduler=scheduler,
+                               device=ctx.device, progress=ctx.progress, source=source)
+        ctx.shared["history"] = history
+
+    def finish(self, qmodel, ctx: StageContext) -> None:
+        _keep_records(qmodel, ctx)
 
 
 # ---------------------------------------------------------------------- the recipe
@@ -244,6 +453,7 @@ def run_mpqdm(
     work_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    guidance: float | None = None,
 ) -> QuantModel:
     """Quantize ``qmodel`` in place with MPQ-DM / EfficientDM (the module docstring gives the stages).
 
@@ -260,79 +470,15 @@ def run_mpqdm(
         work_dir: progress after Stage 1 and every epoch goes to ``<work_dir>/finetune``; a run with
             the same settings resumes there. Stage-1 records and the loss history go to
             ``mpqdm_records.json``.
+        guidance: CFG scale of the loop when the config leaves it open (default: the bundle's).
     """
     config = config or MPQDMConfig()
-    quant = qmodel.quant_config
     if bundle is not None:
         fp_model = bundle.unet if fp_model is None else fp_model
         call = call or bundle.predict_noise
-    if config.epochs > 0 and (fp_model is None or (bundle is None and calib_set is None)):
-        raise ConfigError("MPQ-DM / EfficientDM fine-tuning distils the float model along its trajectories: pass "
-                          "bundle= (sampled, the paper's) or fp_model= with a recorded calib_set")
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
-
-    coverage = apply_coverage(qmodel, config.eight_bit_layers, config.fp_layers)
-    tables = quant.quantize_acts and bool(qmodel.quantizers("act"))
-    timesteps = _schedule(bundle, calib_set, config.steps) if (tables or config.epochs > 0) else []
-    guidance = _guidance(config, bundle)
-    lora_layers = [n for n in coverage["mixed"]
-                   if any(q.active for q in qmodel.layers()[n].weight_quantizers)] if config.lora_rank else []
-    trained = coverage["mixed"]
-
-    checkpoint = None
-    if work_dir is not None:
-        checkpoint = FinetuneCheckpoint(work_dir, recipe_fingerprint(qmodel, config, calib_set, timesteps=timesteps))
-    state = checkpoint.read_state() if checkpoint is not None else None
-    if state is None:
-        records = run_stage1(
-            qmodel, _stage1_runner(calib_set, forward_loop, call, config, device), coverage["mixed"],
-            Stage1Options(smooth=config.smooth, alpha=config.smooth_alpha, omq=config.omq,
-                          criterion=config.omq_criterion, candidates=config.omq_candidates, seed=config.seed),
-            quantize_weights=quant.quantize_weights, quantize_acts=quant.quantize_acts,
-        )
-        if tables:
-            expand_act_tables(qmodel, timesteps)
-        attach_adapters(qmodel, lora_layers, config.lora_rank, seed=config.seed)
-        if checkpoint is not None:
-            checkpoint.save(qmodel, 0, [], extra={"stage1": records, "coverage": coverage})
-        history: list[dict] = []
-        start = 0
-    else:
-        if tables:
-            expand_act_tables(qmodel, timesteps)
-        attach_adapters(qmodel, lora_layers, config.lora_rank, seed=config.seed)
-        checkpoint.restore_model(qmodel)
-        records, history, start = checkpoint.extra.get("stage1", []), state["history"], int(state["epoch"])
-
-    if config.epochs > start:
-        options = config.finetune_options(len(timesteps), guidance)
-        set_trainable(qmodel, trained, options.learn_weight_zero_point)
-        optimizer, scheduler, _ = build_optimizer(qmodel, trained, options)
-        if state is not None:
-            FinetuneCheckpoint.restore_optimizer(state, checkpoint.root, optimizer, scheduler)
-        source = None
-        if bundle is None:  # trajectories recorded from the user's pipeline or sampler
-            from ..calib.conditioning import conditioned_call
-            from ..finetune.qalora import RecordedTrajectories
-
-            source = RecordedTrajectories(calib_set, call or conditioned_call, options, torch.device(device))
-        history = finetune(qmodel, fp_model, bundle, trained, options, checkpoint=checkpoint, start_epoch=start,
-                           history=history, optimizer=optimizer, scheduler=scheduler, device=device,
-                           progress=progress, source=source)
-
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
-    qmodel.set_quant_state(weights=quant.quantize_weights, acts=quant.quantize_acts)
-    qmodel.recipe = config.recipe_name
-    qmodel.recipe_config = config
-    qmodel.mpq_records = {"coverage": coverage, "stage1": records, "history": history}
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(work_dir) / "mpqdm_records.json", qmodel.mpq_records, indent=1, default=float)
-    qmodel.clear_weight_cache()
-    qmodel.eval()
-    return qmodel
+    ctx = StageContext(calib_set=calib_set, call=call, fp_model=fp_model, bundle=bundle, forward_loop=forward_loop,
+                       guidance=guidance, work_dir=work_dir, device=device, progress=progress)
+    return run_recipe(qmodel, config.to_recipe(), ctx, recipe_config=config)
 
 
 #: EfficientDM runs the same pipeline (with ``EfficientDMConfig``)

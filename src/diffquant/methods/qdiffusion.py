@@ -1,4 +1,4 @@
-"""Q-Diffusion (METHODS.md §3): timestep-uniform calibration, BRECQ/AdaRound weights, LSQ activations.
+"""Q-Diffusion (docs/methods.md §3): timestep-uniform calibration, BRECQ/AdaRound weights, LSQ activations.
 
 Pipeline (§3.2), given a model wrapped with :meth:`QDiffusionConfig.wrap_config` (split shortcuts,
 attention matmul quantizers, softmax bits):
@@ -21,28 +21,25 @@ sets the official code's switches: registration unit order, the split regularise
 """
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calib.cache import TrajectoryCache
-from ..calib.select import PICKS, CalibrationSet, from_pairs, uniform
+from ..calib.select import PICKS, CalibrationSet
 from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
 from ..quant.ranges import validate_policy
+from ..recipes import EngineSettings, ForwardLoop, Recipe, StageContext, run_recipe
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
-from ..recon.engine import EngineOptions, UnitRecord, reconstruct
-from ..recon.passes import AdaRoundPass, LSQPass
-from ..recon.progress import ReconProgress
-from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
-from .stages import ForwardLoop, finish_recipe, init_weight_quantizers, observe_activations, recipe_fingerprint
+from ..recon.units import GRANULARITIES, UNIT_ORDERS
+from .stages import (
+    LSQ, ActInit, AdaRound, RoundToNearest, SingleStepSelection, UniformSelection, WindowSelection, Wrap, stream_ema,
+)
 
 CALIB_POLICIES = ("uniform_interval", "first_n", "middle_n", "last_n", "single_t")
 PASSES = ["weights", "acts"]
@@ -51,7 +48,7 @@ PASSES = ["weights", "acts"]
 @dataclass
 @checked
 class QDiffusionConfig:
-    """All knobs of Q-Diffusion (METHODS.md §3, ablation switches §8); defaults = the library's."""
+    """All knobs of Q-Diffusion (docs/methods.md §3, ablation switches §8); defaults = the library's."""
 
     # -- wrapping (applied by wrap_config before the model is wrapped)
     #: split-shortcut quantization of concatenated inputs (§1.9)
@@ -151,7 +148,7 @@ class QDiffusionConfig:
             raise ConfigError(f"act_ema_momentum must be in (0, 1), got {self.act_ema_momentum}")
         if self.official and self.a_symmetric and self.a_init != "minmax":
             raise ConfigError("qdiffusion_official allows a_symmetric only with a_init=minmax "
-                              "(the official symmetric mse search is broken, METHODS.md §3.4)")
+                              "(the official symmetric mse search is broken, docs/methods.md §3.4)")
         CacheOptions(dtype=self.cache_dtype, storage=self.cache_storage, memory_limit_mb=self.cache_memory_mb)
 
     @property
@@ -164,61 +161,59 @@ class QDiffusionConfig:
             raise ConfigError(f"single_step={self.single_step} is outside the calibration schedule's {steps} steps "
                               f"(use 0..{steps - 1}, or -1 for the last)")
 
-    # ------------------------------------------------------------------ wrapping
+    # ------------------------------------------------------------------ as stages
+    def to_recipe(self) -> Recipe:
+        """These knobs as the stage list of the ``qdiffusion`` preset (``recipes/presets``)."""
+        sel = {"cali_st": self.cali_st, "cali_n": self.cali_n, "pick": self.pick, "seed": self.calib_seed}
+        if self.calib_policy == "uniform_interval":
+            selection = UniformSelection(sel)
+        elif self.calib_policy == "single_t":
+            selection = SingleStepSelection(step=self.single_step, cali_n=self.cali_n, pick=self.pick,
+                                            seed=self.calib_seed)
+        else:
+            selection = WindowSelection(sel, where=self.calib_policy.split("_")[0])
+        units = {"granularity": self.recon_granularity, "unit_order": self.unit_order}
+        stages = [
+            selection,
+            Wrap(split=self.split, softmax_bits=self.softmax_bits, attn_matmul=self.attn_matmul,
+                 weight_only=self.weight_only),
+            RoundToNearest(policy=self.w_init),
+        ]
+        if self.weight_recon:
+            stages.append(AdaRound(iters=self.iters_w, batch_size=self.batch_size, lr=self.lr_w, p=self.p_w,
+                                   reg_weight=self.round_reg_weight, beta_start=self.beta_start,
+                                   beta_end=self.beta_end, warmup=self.warmup,
+                                   first_half_only=self.split_reg_first_half_only, **units))
+        stages.append(ActInit(policy=self.a_init, symmetric=self.a_symmetric, n=self.act_init_n,
+                              pick=self.act_init_pick, ema=self.act_ema, ema_momentum=self.act_ema_momentum,
+                              ema_batch=self.act_ema_batch))
+        if self.act_recon:
+            stages.append(LSQ(iters=self.iters_a, batch_size=self.batch_size, lr=self.lr_a, p=self.p_act, **units))
+        engine = EngineSettings(seed=self.seed, cache_dtype=self.cache_dtype, cache_storage=self.cache_storage,
+                                cache_memory_mb=self.cache_memory_mb, eval_samples=self.eval_samples)
+        return Recipe(self.recipe_name, stages, engine, description=_DESCRIPTION[self.official])
+
     def wrap_config(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with Q-Diffusion's wrapping knobs applied (a new object)."""
-        quant = dataclasses.replace(
-            quant,
-            split=self.split,
-            softmax_bits=self.softmax_bits,
-            attn_matmul=self.attn_matmul,
-            weight_init=self.w_init,
-            act_init=self.a_init,
-            act_grid="symmetric" if self.a_symmetric else quant.act_grid,
-            quantize_acts=False if self.weight_only else quant.quantize_acts,
-        )
-        quant.__post_init__()
-        return quant
+        return self.to_recipe().wrap_config(quant)
 
-    # ------------------------------------------------------------------ calibration data
     def select_calibration(self, cache: TrajectoryCache) -> CalibrationSet:
         """The calibration set of ``calib_policy`` from captured FP trajectories (§3.1).
 
         Counts larger than the cache holds are reduced to what it holds, with a warning.
         """
-        k_total, n_total = cache.num_steps, cache.num_samples
-        n = _fit("cali_n", self.cali_n, n_total, "trajectories")
-        if self.calib_policy == "uniform_interval":
-            return uniform(cache, n_per_step=n, n_steps=_fit("cali_st", self.cali_st, k_total, "steps"),
-                           pick=self.pick, seed=self.calib_seed)
-        if self.calib_policy == "single_t":
-            if not -k_total <= self.single_step < k_total:
-                raise ConfigError(f"single_step={self.single_step} outside the cache's {k_total} steps")
-            steps = [self.single_step % k_total]
-        else:
-            count = _fit("cali_st", self.cali_st, k_total, "steps")
-            first = {"first_n": 0, "middle_n": (k_total - count) // 2, "last_n": k_total - count}[self.calib_policy]
-            steps = list(range(first, first + count))
-        gen = torch.Generator().manual_seed(self.calib_seed)
-        all_steps, all_ids = [], []
-        for k in steps:
-            ids = torch.arange(n) if self.pick == "first" else torch.randperm(n_total, generator=gen)[:n].sort().values
-            all_steps.append(torch.full((n,), k, dtype=torch.long))
-            all_ids.append(ids)
-        return from_pairs(cache, torch.cat(all_steps), torch.cat(all_ids))
+        return self.to_recipe().select(cache)
 
 
-def _fit(name: str, wanted: int, available: int, what: str) -> int:
-    if wanted > available:
-        warnings.warn(f"{name}={wanted} but the calibration cache holds {available} {what}; using {available}",
-                      stacklevel=3)
-        return available
-    return wanted
+_DESCRIPTION = {
+    False: "Q-Diffusion (arXiv 2302.04304): timestep-uniform calibration, BRECQ/AdaRound weights, LSQ activations",
+    True: "Q-Diffusion with the official code's switches (registration unit order, split regulariser quirk)",
+}
 
 
 @dataclass
 class QDiffusionOfficialConfig(QDiffusionConfig):
-    """``qdiffusion_official``: the official code's switches (METHODS.md §3.4)."""
+    """``qdiffusion_official``: the official code's switches (docs/methods.md §3.4)."""
 
     unit_order: str = "registration"
     split_reg_first_half_only: bool = True
@@ -226,67 +221,16 @@ class QDiffusionOfficialConfig(QDiffusionConfig):
 
 
 # ---------------------------------------------------------------------- stages
-def _check_wrapping(qmodel: QuantModel, config: QDiffusionConfig) -> None:
-    expected = config.wrap_config(dataclasses.replace(qmodel.quant_config))
-    fields = ("split", "softmax_bits", "attn_matmul", "weight_init", "act_init", "act_grid", "quantize_acts")
-    differ = [f for f in fields if getattr(expected, f) != getattr(qmodel.quant_config, f)]
-    if differ:
-        warnings.warn(
-            f"the model was wrapped with other {', '.join(differ)} than this Q-Diffusion config asks for; "
-            "wrap it with QDiffusionConfig.wrap_config(quant_config) to get them", stacklevel=3)
-
-
-def _init_subset(data: CalibrationCalls, config: QDiffusionConfig) -> CalibrationCalls:
-    n = min(config.act_init_n, len(data))
-    if config.act_init_pick == "first":
-        return data.subset(slice(0, n))
-    gen = torch.Generator().manual_seed(config.seed)
-    return data.subset(torch.randperm(len(data), generator=gen)[:n].sort().values)
-
-
-def _loop(data: CalibrationCalls, batch_size: int, one_timestep: bool, desc: str | None = None) -> ForwardLoop:
-    """Every calibration call once, in batches; a progress bar titled ``desc`` unless it is None."""
-    def loop(model: nn.Module) -> None:
-        index_slices = list(data.slices(batch_size, one_timestep))
-        for index in tqdm(index_slices, desc=desc, disable=desc is None, leave=False):
-            data.run(model, index)
-
-    return loop
-
-
-@torch.no_grad()
-def stream_ema(qmodel: QuantModel, data: CalibrationCalls, momentum: float = 0.95, batch_size: int = 64) -> None:
-    """Fold the whole set into every active activation range under ema_minmax(μ), starting from
-    the current ranges (``--running_stat``); weights and activations are quantized meanwhile."""
-    acts = [q for q in qmodel.quantizers("act").values() if q.active]
-    saved = [(q.init, q.momentum) for q in acts]
-    qmodel.set_quant_state(weights=True, acts=True)
-    for q in acts:
-        q.init, q.momentum, q.mode = "ema_minmax", momentum, "observe"
-    try:
-        _loop(data, batch_size, bool(qmodel.timestep_index.timesteps))(qmodel)
-    finally:
-        for q, (init, mom) in zip(acts, saved):
-            q.init, q.momentum, q.mode = init, mom, "quantize"
-
-
 def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: QDiffusionConfig,
                      forward_loop: ForwardLoop | None = None) -> None:
-    """§3.2 step 4: one forward of ``act_init_n`` samples with weights and activations on, then
-    the optional EMA stream. Without ``data`` the ``forward_loop`` provides the init forward."""
-    if data is None:
-        if forward_loop is None:
-            raise ConfigError("activation quantization needs calibration data: pass calib_set or a forward_loop")
-        observe_activations(qmodel, forward_loop)
-        return
-    subset = _init_subset(data, config)
-    one_t = bool(qmodel.timestep_index.timesteps)
-    observe_activations(qmodel, _loop(subset, len(subset), one_t))
-    if config.act_ema:
-        if config.a_init == "lp_shrink":
-            warnings.warn("act_ema overwrites the lp_shrink activation ranges with EMA min/max ranges "
-                          "(as the official --running_stat does)", stacklevel=2)
-        stream_ema(qmodel, data, config.act_ema_momentum, config.act_ema_batch)
+    """§3.2 step 4 (the recipe's ``act_init`` stage): one forward of ``act_init_n`` samples with
+    weights and activations on, then the optional EMA stream. Without ``data`` the
+    ``forward_loop`` provides the init forward."""
+    stage = config.to_recipe().stage("act_init")
+    ctx = StageContext(calib_set=None if data is None else data.calib_set, forward_loop=forward_loop,
+                       engine=EngineSettings(seed=config.seed), progress=False)
+    ctx.data = data
+    stage.run(qmodel, ctx)
 
 
 def run_qdiffusion(
@@ -316,47 +260,9 @@ def run_qdiffusion(
             ``work_dir`` and settings resumes there. Per-unit records go to ``records.json``.
     """
     config = config or QDiffusionConfig()
-    _check_wrapping(qmodel, config)
-    quant = qmodel.quant_config
-    reconstructs = quant.quantize_weights and config.weight_recon or quant.quantize_acts and config.act_recon
-    if calib_set is None and reconstructs:
-        raise ConfigError("Q-Diffusion reconstruction needs the calibration set: pass calib_set=")
-    for p in qmodel.parameters():  # only what a pass trains gets gradients
-        p.requires_grad_(False)
-
-    data = None if calib_set is None else CalibrationCalls(calib_set, call, device)
-    units = make_units(qmodel, config.recon_granularity, config.unit_order)
-    options = EngineOptions(
-        seed=config.seed, device=device, eval_samples=config.eval_samples, progress=progress,
-        cache=CacheOptions(dtype=config.cache_dtype, storage=config.cache_storage,
-                           memory_limit_mb=config.cache_memory_mb,
-                           directory=None if work_dir is None else str(Path(work_dir) / "unit_cache")),
-    )
-    checkpoints = None
-    if work_dir is not None and calib_set is not None:
-        checkpoints = ReconProgress(work_dir, PASSES, recipe_fingerprint(qmodel, config, calib_set))
-    resumed = checkpoints.restore(qmodel) if checkpoints is not None else False
-
-    records: list[UnitRecord] = []
-    if not resumed:
-        init_weight_quantizers(qmodel)
-    if quant.quantize_weights and config.weight_recon:
-        weight_pass = AdaRoundPass(
-            iters=config.iters_w, batch_size=config.batch_size, lr=config.lr_w, p=config.p_w,
-            reg_weight=config.round_reg_weight, beta_start=config.beta_start, beta_end=config.beta_end,
-            warmup=config.warmup, first_half_only=config.split_reg_first_half_only,
-        )
-        records += reconstruct(qmodel, units, data, weight_pass, fp_model=fp_model, options=options,
-                               progress=checkpoints)
-    if quant.quantize_acts and qmodel.quantizers("act"):
-        if not (checkpoints is not None and checkpoints.started("acts")):
-            init_activations(qmodel, data, config, forward_loop)
-        if config.act_recon:
-            act_pass = LSQPass(iters=config.iters_a, batch_size=config.batch_size, lr=config.lr_a, p=config.p_act)
-            records += reconstruct(qmodel, units, data, act_pass, fp_model=fp_model, options=options,
-                                   progress=checkpoints)
-
-    return finish_recipe(qmodel, config.recipe_name, config, quant, records, work_dir)
+    ctx = StageContext(calib_set=calib_set, call=call, fp_model=fp_model, forward_loop=forward_loop,
+                       work_dir=work_dir, device=device, progress=progress)
+    return run_recipe(qmodel, config.to_recipe(), ctx, recipe_config=config)
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..config import QuantConfig, from_dict, save_yaml, to_dict
 from ..errors import CheckpointError, DiffquantError
 from ..quant.affine import GRIDS

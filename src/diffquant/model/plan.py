@@ -138,7 +138,7 @@ def make_plan(
         if skip:
             continue
         # a time-embedding input is the sinusoidal [sin, cos] concatenation, not a skip concatenation
-        # (METHODS.md §1.9): never split a layer fed by the timestep alone (nor the time MLP)
+        # (docs/methods.md §1.9): never split a layer fed by the timestep alone (nor the time MLP)
         timestep_fed = name in trace.input_flow and not trace.input_flow[name] & FROM_X
         split = (trace.splits.get(name) if config.split and "time_embedding" not in roles and not timestep_fed
                  else None)

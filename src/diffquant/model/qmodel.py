@@ -7,7 +7,7 @@ as a component everywhere a model goes: ``Pipeline.from_pretrained(path, unet=qm
 ``pipe.save_pretrained`` saves it through :meth:`QuantModel.save_pretrained` (recorded in
 ``model_index.json`` as ``["diffquant", "QuantModel"]``) and ``Pipeline.from_pretrained`` of that
 folder loads it back through :meth:`QuantModel.from_pretrained`, bit-identical. Before each call the wrapped model's forward pre-hook
-looks up the timestep argument in the calibrated schedule (per-timestep tables, METHODS.md §1.7),
+looks up the timestep argument in the calibrated schedule (per-timestep tables, docs/methods.md §1.7),
 so every quantizer with a table reads the row of *this* timestep — no call counter — whether
 the call comes through ``QuantModel`` or straight to ``qmodel.denoiser`` from a pipeline.
 """

@@ -1,6 +1,6 @@
 """One traced float forward that finds execution order and concatenation points.
 
-- Execution order: forward pre-hooks record the first call of every module (METHODS.md §1.6:
+- Execution order: forward pre-hooks record the first call of every module (docs/methods.md §1.6:
   units are ordered by execution, not registration).
 - Concatenation points: a ``TorchFunctionMode`` records every ``torch.cat`` result; a layer whose
   input *is* such a result (same tensor object) along its channel axis is a split layer, with the
@@ -184,7 +184,7 @@ class TraceResult:
     time_feeding: set[str] = field(default_factory=set)
 
     def middle_feature_module(self) -> str | None:
-        """The module whose input is the middle of the network (TDAC's feature, METHODS.md §4.1):
+        """The module whose input is the middle of the network (TDAC's feature, docs/methods.md §4.1):
         the block after the first middle block (a UNet's mid attention, or its second ResBlock);
         with no skip connections (a DiT), the outer block halfway through."""
         if self.middle_blocks:
@@ -198,7 +198,7 @@ class TraceResult:
     def last_block(self) -> str | None:
         """The last outer block called, named by its outermost enclosing module that returns the
         same tensor (a UNet's last up block): what the output head reads, TRD's feature
-        (METHODS.md §6.4)."""
+        (docs/methods.md §6.4)."""
         if not self.outer_blocks:
             return None
         name = self.outer_blocks[-1]

@@ -1,4 +1,4 @@
-"""Quantized act-to-act matmuls of diffusers ``Attention`` (METHODS.md §1.8).
+"""Quantized act-to-act matmuls of diffusers ``Attention`` (docs/methods.md §1.8).
 
 Installed with ``Attention.set_processor`` — the Attention module itself is not patched. The
 processor is an ``nn.Module``, so its quantizers are registered under ``<attn>.processor`` and

@@ -4,7 +4,7 @@ A :class:`QuantLayer` replaces one float layer. It keeps the float layer's own `
 ``bias`` Parameters (the same tensor objects, under the same names) and adds
 
 - a per-output-channel weight quantizer and a per-tensor input-activation quantizer, or
-- for a *split* layer (its input is a channel concatenation, METHODS.md §1.9) one activation
+- for a *split* layer (its input is a channel concatenation, docs/methods.md §1.9) one activation
   quantizer per input part and one weight quantizer per matching input-channel slice:
   Q(X)Q(W) = Q₁(X₁)Q₁′(W₁) + Q₂(X₂)Q₂′(W₂).
 
@@ -287,7 +287,7 @@ class QuantLayer(nn.Module):
 
 
 def attach_adaround(layer: QuantLayer, modes: list[str] | None = None) -> nn.ModuleList:
-    """Give every weight part of ``layer`` a learned-rounding module (AdaRound, METHODS.md §1.3)."""
+    """Give every weight part of ``layer`` a learned-rounding module (AdaRound, docs/methods.md §1.3)."""
     from ..quant.adaround import AdaRound
 
     device = layer.weight.device

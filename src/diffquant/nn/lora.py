@@ -1,4 +1,4 @@
-"""Low-rank weight update ΔW for quantization-aware LoRA (EfficientDM / MPQ-DM, METHODS.md §6.3).
+"""Low-rank weight update ΔW for quantization-aware LoRA (EfficientDM / MPQ-DM, docs/methods.md §6.3).
 
 For a weight of shape (d0, d1, *kernel) — Linear (out, in), Conv (out, in, kh, kw),
 ConvTranspose (in, out, kh, kw) — A has shape (r, d1, *kernel) and B (d0, r, *kernel), and

@@ -1,4 +1,4 @@
-"""AdaRound: learned up/down rounding of weights (METHODS.md §1.3, arXiv 2004.10568).
+"""AdaRound: learned up/down rounding of weights (docs/methods.md §1.3, arXiv 2004.10568).
 
 W̃ = s·(clamp(⌊W/s⌋ + h + z, q_min, q_max) − z) with the quantizer's (per-channel) step s and zero
 point z, which stay fixed; only V is trained. Soft mode uses the rectified sigmoid

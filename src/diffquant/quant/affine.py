@@ -1,4 +1,4 @@
-"""Uniform affine fake quantization (METHODS.md §1.1).
+"""Uniform affine fake quantization (docs/methods.md §1.1).
 
 Q(x; s, z, b) = s · (clamp(⌊x/s⌉ + z, q_min, q_max) − z)
 
@@ -93,7 +93,7 @@ def qparams_from_range(
     include_zero: bool = True,
     clamp_zero_point: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Step and zero point for the range [lo, hi] on the given grid (table in METHODS.md §1.1).
+    """Step and zero point for the range [lo, hi] on the given grid (table in docs/methods.md §1.1).
 
     ``include_zero`` widens the range to contain 0 first (the ``minmax`` default);
     ``clamp_zero_point=False`` keeps DMQ's unclamped integer zero point.

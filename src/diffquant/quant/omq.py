@@ -1,4 +1,4 @@
-"""OMQ, MPQ-DM's outlier-driven mixed quantization of one layer's weight (METHODS.md §6.2).
+"""OMQ, MPQ-DM's outlier-driven mixed quantization of one layer's weight (docs/methods.md §6.2).
 
 Steps, on the layer's calibration input X (the Stage-1 batch):
 

@@ -1,4 +1,4 @@
-"""DMQ's power-of-two channel scaling (PTS) factors, vectorised (METHODS.md §5.3).
+"""DMQ's power-of-two channel scaling (PTS) factors, vectorised (docs/methods.md §5.3).
 
 For a per-tensor activation quantizer (s, z) and inputs X [n, C, …] (channel axis anywhere),
 candidate j ∈ {0 … D} gives channel c the step s·2^(j−D) with the same integer zero point:

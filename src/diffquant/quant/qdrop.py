@@ -1,4 +1,4 @@
-"""QDrop mixing (METHODS.md §1.4): keep each element quantized with probability ``prob``."""
+"""QDrop mixing (docs/methods.md §1.4): keep each element quantized with probability ``prob``."""
 from __future__ import annotations
 
 import torch

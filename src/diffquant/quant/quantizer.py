@@ -12,7 +12,7 @@ Modes:
 - with ``enabled = False`` or 16/32 bits the input passes through unchanged.
 
 Range searches: ``lp_shrink`` never widens its range to contain 0 (whatever ``include_zero``
-says, METHODS.md §1.2), so the stored range reproduces the searched step and zero point;
+says, docs/methods.md §1.2), so the stored range reproduces the searched step and zero point;
 ``edadm_grid`` remembers the side (pos/neg/two) fixed by the first batch in the ``search_side``
 buffer (saved with the state dict; cleared by :meth:`reset`).
 """

@@ -1,4 +1,4 @@
-"""Range initialisation policies (METHODS.md §1.2).
+"""Range initialisation policies (docs/methods.md §1.2).
 
 Each policy maps one batch of data to a range [lo, hi] (per tensor: 0-d tensors; per channel:
 shape [C]); :func:`combine_ranges` merges the range of a new batch into the running one.
@@ -74,7 +74,7 @@ def combine_ranges(
 ) -> tuple[Tensor, Tensor]:
     """Merge a new batch's range into the running one.
 
-    - ``minmax``: global min and max over all batches (the naive baseline, METHODS.md §2);
+    - ``minmax``: global min and max over all batches (the naive baseline, docs/methods.md §2);
     - ``ema_minmax``: first batch sets it, then m ← μ·m + (1−μ)·m_batch (μ = ``momentum``);
     - ``lp_shrink``: running mean of the per-batch search results (one batch: the search itself);
     - ``edadm_grid``: [m, M] ← 0.9·[m, M] + 0.1·[m, M]_batch (``momentum`` = 0.9 there).

@@ -1,4 +1,4 @@
-"""Range searches that pick [lo, hi] by minimising the Lp quantization error (METHODS.md §1.2).
+"""Range searches that pick [lo, hi] by minimising the Lp quantization error (docs/methods.md §1.2).
 
 Both searches score a set of candidate ranges with mean |x − Q(x)|^p and keep the *first*
 minimiser (a strict ``<`` in a loop over candidates, like the official code). Every candidate is

@@ -1,4 +1,4 @@
-"""Per-timestep parameter tables (METHODS.md §1.7).
+"""Per-timestep parameter tables (docs/methods.md §1.7).
 
 A quantized model owns one :class:`TimestepIndex`. At every denoiser call it looks up the
 timestep passed to the denoiser in the calibrated schedule t_0 … t_{K-1} and publishes the step

@@ -1,10 +1,10 @@
 """Quantizer variants that recipes swap in for a :class:`UniformQuantizer` at calibration time.
 
-- :class:`MixedBitQuantizer` (MPQ-DM's OMQ, METHODS.md §6.2): per-output-channel bit tags, each
+- :class:`MixedBitQuantizer` (MPQ-DM's OMQ, docs/methods.md §6.2): per-output-channel bit tags, each
   channel on its own asymmetric grid of 2^b_c − 1 levels. Summing MPQ-DM's three group quantizers
   Σ_g Q_g(mask_g ⊙ W) equals quantizing each channel with its own group's (s, z, bits), which is
   what this module does with one (s, z) per channel and an int8 bit tag per channel.
-- :class:`PTSQuantizer` (DMQ's power-of-two scaling, METHODS.md §5.3): a per-tensor activation
+- :class:`PTSQuantizer` (DMQ's power-of-two scaling, docs/methods.md §5.3): a per-tensor activation
   quantizer whose step is multiplied per channel by a power-of-two factor m_c ≤ 1, with the same
   integer zero point, per table row.
 

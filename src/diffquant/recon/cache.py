@@ -1,4 +1,4 @@
-"""Per-unit input/output caches over the calibration set (METHODS.md §1.6).
+"""Per-unit input/output caches over the calibration set (docs/methods.md §1.6).
 
 For one reconstruction unit (a block or a layer) :func:`build_unit_cache` records, for every
 calibration sample,
@@ -32,72 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..calib.select import CalibrationSet
+from ..calib.calls import CalibrationCalls, DenoiserCall, default_call  # noqa: F401 (re-exported: public here)
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from .state import quant_state
 from ..config import checked
 
-#: ``call(model, x, t, labels)`` runs the denoiser on one batch (e.g. ``bundle.predict_noise``).
-DenoiserCall = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], Any]
 STORAGES = ("auto", "memory", "disk")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INPUT_KINDS = ("q", "fp")
-
-
-def default_call(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | None) -> Any:
-    """``model(x, t)``, plus ``class_labels=labels`` when there are labels (diffusers UNets)."""
-    return model(x, t) if labels is None else model(x, t, class_labels=labels)
-
-
-@dataclass
-class CalibrationCalls:
-    """A calibration set plus the way to feed it to the denoiser.
-
-    ``run(model, index)`` calls the denoiser on the samples at ``index`` (a slice). CFG models
-    should get a set that already holds each (x_t, t) with its label and with the null label
-    (:meth:`CalibrationSet.with_uncond`).
-    """
-
-    calib_set: CalibrationSet
-    call: DenoiserCall | None = None
-    device: str | torch.device = "cpu"
-
-    def __len__(self) -> int:
-        return len(self.calib_set)
-
-    @property
-    def timesteps(self) -> Tensor:
-        return self.calib_set.ts
-
-    @torch.no_grad()
-    def run(self, model: nn.Module, index: slice | Tensor) -> Any:
-        x, t, labels = self.calib_set[index]
-        x = x.to(device=self.device, dtype=torch.float32)
-        t = t.to(self.device)
-        labels = None if labels is None else labels.to(self.device)
-        return (self.call or default_call)(model, x, t, labels)
-
-    def slices(self, batch_size: int, one_timestep: bool = False) -> Iterator[slice]:
-        """Consecutive slices of at most ``batch_size`` samples; with ``one_timestep`` a slice never
-        mixes timesteps (per-timestep quantizer tables need one t per denoiser call)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        n = len(self)
-        if not one_timestep:
-            yield from (slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size))
-            return
-        ts = self.timesteps.reshape(-1)
-        start = 0
-        while start < n:
-            stop = start + 1
-            while stop < n and stop - start < batch_size and int(ts[stop]) == int(ts[start]):
-                stop += 1
-            yield slice(start, stop)
-            start = stop
-
-    def subset(self, index: Tensor | slice) -> "CalibrationCalls":
-        return CalibrationCalls(self.calib_set.subset(index), self.call, self.device)
 
 
 @dataclass

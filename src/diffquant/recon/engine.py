@@ -1,4 +1,4 @@
-"""The reconstruction engine shared by Q-Diffusion, EDA-DM and DMQ (METHODS.md §1.6).
+"""The reconstruction engine shared by Q-Diffusion, EDA-DM and DMQ (docs/methods.md §1.6).
 
 For each unit in order: build its cache (:mod:`.cache`) → optimise the unit's trainable tensors for
 N iterations, each on B distinct random cached samples → harden / freeze → checkpoint. *What* is

@@ -1,4 +1,4 @@
-"""EDA-DM's FBR reconstruction pass (METHODS.md §4.2): joint AdaRound + LSQ with layer losses.
+"""EDA-DM's FBR reconstruction pass (docs/methods.md §4.2): joint AdaRound + LSQ with layer losses.
 
 Per unit, in one pass, AdaRound V (Adam, ``lr_w``, cosine) and every activation step of the unit
 (a second Adam, ``lr_a``, cosine) are learned together. Each iteration:

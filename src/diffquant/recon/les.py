@@ -1,4 +1,4 @@
-"""DMQ's Learned Equivalent Scaling (LES, METHODS.md §5.1), layer by layer or block by block,
+"""DMQ's Learned Equivalent Scaling (LES, docs/methods.md §5.1), layer by layer or block by block,
 and the SmoothQuant baseline that fills the same τ slot without learning (§5.1, §8).
 
 Every layer ``l`` that LES covers carries a per-input-channel scale τ
@@ -248,7 +248,7 @@ def capture_layer_io(model: nn.Module, names: list[str], data: CalibrationCalls,
 @dataclass
 @checked
 class LESOptions:
-    """Hyperparameters of the LES pass (METHODS.md §5.1, §5.2)."""
+    """Hyperparameters of the LES pass (docs/methods.md §5.1, §5.2)."""
 
     iters: int = 6000
     batch_size: int = 32

@@ -1,4 +1,4 @@
-"""Reconstruction losses (METHODS.md §1.3, §1.6).
+"""Reconstruction losses (docs/methods.md §1.3, §1.6).
 
 - :func:`lp_loss`: L_rec^p(ŷ, y) = Σ over channels of |ŷ − y|^p, averaged over all other axes.
 - :func:`rounding_regularizer`: λ·Σ_V (1 − |2h(V) − 1|^β) with β from a :class:`BetaSchedule`,

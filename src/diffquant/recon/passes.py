@@ -13,7 +13,7 @@ from .units import Unit
 
 
 class AdaRoundPass(ReconPass):
-    """BRECQ/AdaRound weight reconstruction (METHODS.md §1.3, §3.2 step 3).
+    """BRECQ/AdaRound weight reconstruction (docs/methods.md §1.3, §3.2 step 3).
 
     Per unit: attach AdaRound to every quantized weight part and initialise V from the frozen
     (s, z) so that h(V₀) = W/s − ⌊W/s⌋; Adam on V only; loss = L_rec^p + λ·Σ(1 − |2h(V)−1|^β)
@@ -96,7 +96,7 @@ class AdaRoundPass(ReconPass):
 
 
 class LSQPass(ReconPass):
-    """LSQ activation-step reconstruction (METHODS.md §1.4, §3.2 step 5).
+    """LSQ activation-step reconstruction (docs/methods.md §1.4, §3.2 step 5).
 
     Per unit: every active activation step in the unit (layer inputs including both split halves,
     attention q/k/v and the softmax output unless it is kept at 16 bit) is trained with Adam and

@@ -1,4 +1,4 @@
-"""DMQ's adaptive timestep weighting of a per-sample reconstruction loss (METHODS.md §5.2).
+"""DMQ's adaptive timestep weighting of a per-sample reconstruction loss (docs/methods.md §5.2).
 
 Each calibration sample belongs to a bucket k — the index of its timestep in the calibration
 schedule, looked up from t for any number of steps (not the official 20-step formula). Per

@@ -1,4 +1,4 @@
-"""Reconstruction units (METHODS.md §1.6): which modules are optimised together, in which order.
+"""Reconstruction units (docs/methods.md §1.6): which modules are optimised together, in which order.
 
 A :class:`Unit` is a block (e.g. ResnetBlock2D, Attention, an mnist-resunet ResBlock) with all the
 quantized layers and attention matmul quantizers inside it, or a single quantized layer. Orders:

@@ -84,6 +84,13 @@ class DiffusionBundle:
     def is_conditional(self) -> bool:
         return self.num_classes is not None
 
+    @property
+    def default_guidance(self) -> float:
+        """The model card's recommended guidance scale, else 1.5 for class-conditional models (1 otherwise)."""
+        if not self.is_conditional:
+            return 1.0
+        return float(self.extra.get("guidance", 1.5))
+
     def with_unet(self, new_unet: nn.Module) -> "DiffusionBundle":
         """The same bundle driving another denoiser (e.g. a quantized wrapper)."""
         return dataclasses.replace(self, unet=new_unet)
