@@ -191,12 +191,43 @@ def _check_bounds(name: str, value: Any, limits: dict) -> None:
             raise ConfigError(f"{name} must be {text} {b:g}, got {value!r}")
 
 
+#: Layer roles a rule can name as ``@role``, all found by the wrap plan from the traced forward
+#: (docs/methods.md §1.10): execution order (``first``, ``last``), the first layer fed by the
+#: sample (``input``), the time-embedding MLP and the blocks' projections of it
+#: (``time_embedding``, ``time_projection``), residual shortcut projections (``shortcut``),
+#: strided convolutions (``downsample``), the projections of attention modules (``attention``),
+#: and registration order (``first_registered``, ``last_registered``: what official codes that
+#: walk ``named_modules`` pick).
+LAYER_ROLES = ("first", "last", "input", "time_embedding", "time_projection", "shortcut", "downsample",
+               "attention", "first_registered", "last_registered")
+#: the names the papers' codes use for two of them
+ROLE_ALIASES = {"conv_in": "input", "conv_out": "last"}
+
+
+def role_of(pattern: str) -> str | None:
+    """The role a rule pattern names (``@conv_in`` → ``input``), None for a name glob."""
+    if not pattern.startswith("@"):
+        return None
+    return ROLE_ALIASES.get(pattern[1:], pattern[1:])
+
+
+def check_role_patterns(patterns, option: str) -> None:
+    """One line for an ``@role`` that is no role (a typo would otherwise select nothing)."""
+    for pattern in patterns:
+        role = role_of(pattern) if isinstance(pattern, str) else None
+        if role is not None and role not in LAYER_ROLES:
+            known = ", ".join("@" + r for r in (*LAYER_ROLES, *ROLE_ALIASES))
+            raise ConfigError(f"{option}: unknown layer role {pattern!r}; roles: {known}")
+
+
 @dataclass
 @checked
 class LayerRule:
-    """Override for the layers whose qualified name matches ``pattern`` (an fnmatch glob).
+    """Override for the layers whose qualified name matches ``pattern`` (an fnmatch glob) or that
+    have the role ``@role`` (:data:`LAYER_ROLES`). Rules apply in order; a later one wins.
 
     ``weight_bits`` / ``act_bits``: new bit-widths (16 or 32 keep that side in full precision);
+    ``at_least``: those bits are a floor (a side already at more bits keeps them);
     ``quantize_input=False`` leaves the layer's input unquantized; ``skip`` leaves the layer
     unwrapped altogether. A glob that matches no layer is a one-line warning.
     """
@@ -206,10 +237,12 @@ class LayerRule:
     act_bits: int | None = None
     quantize_input: bool | None = None
     skip: bool = False
+    at_least: bool = False
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ConfigError(f"a layer rule needs a name glob or @role as pattern, got {self.pattern!r}")
+        check_role_patterns([self.pattern], "layer rule")
         if self.weight_bits is not None:
             validate_bits(self.weight_bits, "weight_bits")
         if self.act_bits is not None:

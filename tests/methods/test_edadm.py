@@ -16,7 +16,7 @@ from diffquant.methods import RECIPES
 from diffquant.methods.edadm import (
     EDADMConfig,
     EDADMOfficialConfig,
-    apply_eight_bit_rule,
+    eight_bit_rules,
     configure_range_search,
     run_edadm,
 )
@@ -153,9 +153,12 @@ def test_range_search_modes_and_rules_on_a_fresh_wrap(bundle):
     configure_range_search(qmodel, "symmetric_1d")
     q.init_from(layer.weight.detach())
     assert torch.allclose(q.range_lo, -q.range_hi)
-    assert apply_eight_bit_rule(qmodel, "none") == {"weights_8bit": [], "acts_8bit": [], "input_fp": []}
+    assert eight_bit_rules("none") == []
     with pytest.raises(ConfigError, match="eight_bit"):
-        apply_eight_bit_rule(qmodel, "first_last")
+        eight_bit_rules("first_last")
+    # the library rule, applied at wrapping: conv_in and conv_out at W8 (conv_out's input FP)
+    assert qmodel.plan.layer("conv_in").weight_bits == qmodel.plan.layer("conv_out").weight_bits == 8
+    assert not qmodel.plan.layer("conv_out").quantize_input and qmodel.plan.layer("conv_in").quantize_input
     with pytest.warns(UserWarning, match="wrapped with other"):
         run_edadm(quantize(bundle.unet, QuantConfig(weight_bits=4, act_bits=8), bundle.example_inputs(2)),
                   lambda m: None, EDADMConfig(iters=0), progress=False)

@@ -10,7 +10,7 @@ from diffquant.calib.capture import capture_trajectories
 from diffquant.config import QuantConfig, load_yaml
 from diffquant.diffusion.sampling import sample
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.finetune.coverage import apply_coverage, layer_roles
+from diffquant.finetune.coverage import coverage_of
 from diffquant.methods import RECIPES
 from diffquant.methods.mpqdm import EfficientDMConfig, MPQDMConfig, MPQDMOfficialConfig, run_mpqdm
 from diffquant.model import load, quantize, save
@@ -57,25 +57,27 @@ def test_recipes_registered_with_their_switches():
             MPQDMConfig(**bad)
 
 
-def test_coverage_roles_on_the_zoo_architectures():
+def test_coverage_rules_on_the_zoo_architectures():
+    """MPQ-DM's coverage is a rule list on the plan's roles, applied when the model is wrapped."""
     from diffquant.zoo.mnist_convunet import MnistConvUNet
     from diffquant.zoo.mnist_resunet import MnistResUNet
 
     config = MPQDMConfig()
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 5])
     res = quantize(MnistResUNet().eval(), config.wrap_config(QuantConfig(weight_bits=3, act_bits=6)), ((x, t), {}))
-    cov = apply_coverage(res, config.eight_bit_layers, config.fp_layers)
+    cov = coverage_of(res)
     assert set(cov["eight_bit"]) == {"conv_in", "pe_linear.0", "pe_linear.2", "conv_out"}
-    assert set(cov["fp"]) == {"downs.0", "downs.1", "downs.2"} | {
-        n for n in layer_roles(res) if n.endswith("residual_conv")}
+    shortcuts = {lp.name for lp in res.plan.layers if lp.name.endswith("residual_conv")}
+    assert len(shortcuts) == 9 and set(cov["fp"]) == {"downs.0", "downs.1", "downs.2"} | shortcuts
+    assert all("shortcut" in res.plan.layer(n).roles for n in shortcuts)
     assert "ups.0" in cov["mixed"] and res.plan.layer("downs.0").weight_bits == 32
     assert res.plan.layer("conv_in").weight_bits == 8 and res.plan.layer("conv_in").act_bits == 8
     conv = quantize(MnistConvUNet().eval(), config.wrap_config(QuantConfig(weight_bits=3, act_bits=6)), ((x, t), {}))
-    cov = apply_coverage(conv, config.eight_bit_layers, config.fp_layers)
+    cov = coverage_of(conv)
     assert "b1.0.conv1" in cov["eight_bit"] and "conv_out" in cov["eight_bit"]
     assert {"down1", "down2", "down3.2"} <= set(cov["fp"]) and "down3.0" in cov["mixed"]
-    with pytest.raises(ConfigError):
-        apply_coverage(conv, ["@stem"], [])
+    with pytest.raises(ConfigError, match="unknown layer role '@stem'"):
+        MPQDMConfig(eight_bit_layers=["@stem"])
 
 
 def test_mpqdm_end_to_end_save_load_and_sampling(bundle, pool, tmp_path):

@@ -250,6 +250,9 @@ OLD_TRD_MODULES = {"unet": "up_blocks.1", "cond_unet": "up_blocks.1", "dit": "tr
                    "pixart": "transformer_blocks.1"}
 
 
+OLD_SHORTCUT_SUFFIXES = ("conv_shortcut", "skip_connection", "nin_shortcut", "residual_conv")
+
+
 def _same_as_the_old_names(model, inputs, key):
     import copy
     import fnmatch
@@ -273,6 +276,10 @@ def _same_as_the_old_names(model, inputs, key):
     if old_tdac is not None:
         assert features["middle"] == old_tdac
     assert features["last_block"] == OLD_TRD_MODULES[key]
+    # shortcut projections: the old name suffixes, now found from the residual additions
+    old_shortcuts = {lp.name for lp in structural.plan.layers if lp.name.rsplit(".", 1)[-1] in OLD_SHORTCUT_SUFFIXES}
+    assert roles(structural, "shortcut") == old_shortcuts
+    assert roles(structural, "input") == {"conv_in"} if "conv_in" in modules else len(roles(structural, "input")) == 1
 
 
 def test_tiny_diffusers_models_get_the_old_names_answers_from_the_graph(any_tiny_model, request):
@@ -359,3 +366,70 @@ def test_an_unseen_unet_gets_its_middle_last_block_and_time_path_from_the_graph(
 
     assert default_feature_layer(_UnseenUNet().eval(), inputs) == "neck.1"
     assert default_feature_module(qmodel) == "dec"
+
+
+class _ProjectedBlock(torch.nn.Module):
+    """A residual block with a 1×1 projection of its input onto the addition, and a self-attention
+    module of its own class (names no list knows)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.body = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.tail = torch.nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.bypass = torch.nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        return self.bypass(x) + self.tail(torch.relu(self.body(x)))
+
+
+class _OwnAttention(torch.nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / c ** 0.5, dim=-1)
+        return x + self.out(weights @ v).transpose(1, 2).reshape(b, c, h, w)
+
+
+class _RoleNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.entry = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.widen = _ProjectedBlock(4, 8)
+        self.reduce = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.mix = _OwnAttention(8)
+        self.exit = torch.nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.exit(self.mix(self.reduce(self.widen(self.entry(x)))))
+
+
+def test_coverage_roles_of_an_unseen_model_come_from_the_traced_graph():
+    """@shortcut, @downsample, @attention, @input, @last and registration order on a model whose
+    names no list knows; rules on them apply when the model is wrapped, in order."""
+    from diffquant.config import LayerRule, QuantConfig
+    from diffquant.errors import ConfigError
+    from diffquant.model import quantize
+
+    inputs = ((torch.randn(2, 1, 8, 8), torch.tensor([10, 10])), {})
+    trace = trace_model(_RoleNet().eval(), *inputs)
+    assert trace.shortcut_layers == {"widen.bypass"} and trace.attention_modules == ["mix"]
+    rules = [LayerRule("@shortcut", weight_bits=32, act_bits=32), LayerRule("@downsample", weight_bits=32),
+             LayerRule("@attention", act_bits=6), LayerRule("@conv_in", weight_bits=8, at_least=True),
+             LayerRule("@last", weight_bits=2, at_least=True)]
+    qmodel = quantize(_RoleNet().eval(), QuantConfig(weight_bits=4, rules=rules), inputs)
+    roles = {lp.name: set(lp.roles) for lp in qmodel.plan.layers}
+    assert {n for n, r in roles.items() if "shortcut" in r} == {"widen.bypass"}
+    assert {n for n, r in roles.items() if "downsample" in r} == {"reduce"}
+    assert {n for n, r in roles.items() if "attention" in r} == {"mix.qkv", "mix.out"}
+    assert "input" in roles["entry"] and "last" in roles["exit"] and "first_registered" in roles["entry"]
+    bits = {lp.name: (lp.weight_bits, lp.act_bits) for lp in qmodel.plan.layers}
+    assert bits["widen.bypass"] == (32, 32) and bits["reduce"] == (32, 8) and bits["mix.qkv"] == (4, 6)
+    assert bits["entry"] == (8, 8) and bits["exit"] == (4, 8)  # at_least: a floor, never lowered
+    assert bits["widen.body"] == (4, 8)
+    with pytest.raises(ConfigError, match="unknown layer role '@shortcuts'"):
+        LayerRule("@shortcuts", weight_bits=32)

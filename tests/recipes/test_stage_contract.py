@@ -77,12 +77,13 @@ def _stages(*entries):
 @pytest.mark.parametrize("entries, message", [
     (["adaround"], "stage adaround needs the weight quantizers initialised first (put one of rtn, omq before it)"),
     (["rtn", "les"], "stage les must run before rtn"),
-    (["role_coverage", "les", {"omq": {"smooth": True}}], "stages les and omq both have per-channel input scales"),
+    (["les", {"omq": {"smooth": True}}], "stages les and omq both have per-channel input scales"),
     (["rtn", "adaround", "fbr"], "stages adaround and fbr both have the weight rounding learned"),
     (["rtn", "select_uniform"], "selection stage select_uniform must come first"),
     (["rtn", "lsq"], "stage lsq needs the activation ranges initialised first"),
     (["rtn", "qalora", "adaround"], "stage adaround must run before qalora"),
-    (["rtn", "omq"], "stage omq needs the mixed-precision layers chosen"),
+    (["rtn", "omq"], "stages rtn and omq both have the weight quantizers initialised"),
+    (["rtn", "act_init", "registration_act_quirk"], "stage registration_act_quirk must run before act_init"),
     (["select_uniform", "select_tdac"], "selection stage select_tdac must come first"),
 ])
 def test_incompatible_orders_are_refused_in_one_line_naming_the_conflict(entries, message):
@@ -94,9 +95,8 @@ def test_incompatible_orders_are_refused_in_one_line_naming_the_conflict(entries
 def test_two_stages_asking_for_different_wrapping_are_refused():
     from diffquant.config import QuantConfig
 
-    recipe = Recipe.from_dict(_stages({"wrap": {"split": True}}, {"rtn": {"policy": "minmax"}},
-                                      "role_coverage", "omq"))
-    with pytest.raises(ConfigError, match="stages rtn and omq ask for weight_init='minmax' and 'lp_shrink'"):
+    recipe = Recipe.from_dict(_stages({"wrap": {"split": True}}, "omq", {"act_init": {"policy": "minmax"}}))
+    with pytest.raises(ConfigError, match="stages omq and act_init ask for act_init='lp_shrink' and 'minmax'"):
         recipe.wrap_config(QuantConfig())
 
 
@@ -115,9 +115,10 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path):
 
 def test_overrides_address_a_stage_option_or_a_unique_option():
     recipe = load_recipe("qdiffusion")
-    changed = recipe.replace_options({"adaround.iters": 7, "p": 2.2, "seed": 5})
+    changed = recipe.replace_options({"adaround.iters": 7, "lsq.p": 2.2, "reg_weight": 0.5, "eval_samples": 5})
     assert changed.stage("adaround").options.iters == 7 and changed.stage("lsq").options.p == 2.2
-    assert changed.engine.seed == 5 and recipe.stage("adaround").options.iters == 20000
+    assert changed.stage("adaround").options.reg_weight == 0.5 and changed.stage("adaround").options.p == 2.0
+    assert changed.engine.eval_samples == 5 and recipe.stage("adaround").options.iters == 20000
     with pytest.raises(ConfigError, match="2 stages of it has option 'iters'; write stage.iters"):
         recipe.replace_options({"iters": 3})
     with pytest.raises(ConfigError, match="has no stage 'fbr'"):

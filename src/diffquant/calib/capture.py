@@ -28,6 +28,7 @@ from diffquant.diffusion import distributed
 from diffquant.diffusion.sampling import resolve_labels, sample, scheduler_timesteps
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.calib.select import check_finite_inputs
+from diffquant.calib.stop import run_stoppable, stop_forward
 from diffquant.paths import cache_dir as default_cache_root
 from diffquant.zoo.registry import DiffusionBundle
 from diffquant.jsonio import write_json
@@ -248,10 +249,6 @@ def capture_trajectories(bundle: DiffusionBundle, n: int, *, steps: int = 50, sc
 # ----------------------------------------------------------------------------------------------
 # Generic module input/output capture
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward early; caught by :func:`capture_module_io`."""
-
-
 @dataclass
 class ModuleIO:
     """What one module saw in a forward: positional ``inputs``, ``kwargs`` and ``output``.
@@ -300,14 +297,12 @@ def capture_module_io(model: nn.Module, modules: Mapping[str, nn.Module], run: C
                 keep = _detached if detach else (lambda v: v)
                 records[name] = ModuleIO(keep(args), keep(output), keep(dict(kwargs)))
             if name == stop_after:
-                raise _StopForward
+                stop_forward()
         return hook
 
     handles = [m.register_forward_hook(make_hook(name), with_kwargs=True) for name, m in modules.items()]
     try:
-        run()
-    except _StopForward:
-        pass
+        run_stoppable(run)
     finally:
         for h in handles:
             h.remove()

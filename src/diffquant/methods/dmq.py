@@ -39,7 +39,6 @@ cannot run trajectory group k only up to step k, so asking for it is a ConfigErr
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -52,8 +51,10 @@ from tqdm.auto import tqdm
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
-from ..config import QuantConfig, checked, knob
+from ..calib.stop import run_stoppable, stop_after
+from ..config import LayerRule, QuantConfig, checked, knob
 from ..errors import ConfigError, DiffquantError
+from ..model.plan import rule_applies
 from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer, attach_input_scale
 from ..quant.pts import PTS_SELECTIONS, PTSStatistics
@@ -75,7 +76,7 @@ log = logging.getLogger("diffquant.methods")
 PTS_MODES = ("off",) + PTS_SELECTIONS
 #: residual shortcut convs: diffusers ``conv_shortcut``, CompVis ``skip_connection``, DDIM
 #: ``nin_shortcut``, mnist-resunet ``residual_conv``
-DEFAULT_PTS_LAYERS = ["*shortcut*", "*skip*", "*residual_conv*"]
+DEFAULT_PTS_LAYERS = ["@shortcut"]
 #: ResBlock embedding projections (diffusers, CompVis, DDIM, mnist-resunet) and conv_in by name
 #: DMQ keeps the first layer and the ResBlocks' time-embedding projections in FP: found from the
 #: traced graph (``@input``: conv_in of a UNet, a DiT's patch embedding, any model's first
@@ -103,8 +104,8 @@ class DMQConfig:
     split: bool = True
     #: W-only: no activation quantization (no tables, no PTS)
     weight_only: bool = False
-    #: layers kept FP besides the time-embedding MLP and the last layer (conv_out); the first
-    #: executed layer outside the time embedding (conv_in) is kept FP whatever its name
+    #: layers kept FP besides the time-embedding MLP, the last layer (conv_out) and the input
+    #: layer (``@input``: conv_in, found from the traced graph), which are FP whatever this says
     fp_layers: list[str] = field(default_factory=lambda: list(DEFAULT_FP_LAYERS))
     #: exact (unknown timesteps raise) | nearest (§1.7)
     timestep_lookup: str = "exact"
@@ -243,8 +244,8 @@ class DMQConfig:
             selection,
             Wrap(split=self.split, attn_matmul=False, weight_grid="asymmetric", act_grid="asymmetric",
                  time_embedding="fp", timestep_lookup=self.timestep_lookup, weight_only=self.weight_only,
-                 fp_layers=["@last", *self.fp_layers]),
-            KeepFirstLayerFP(),
+                 rules=[LayerRule(p, weight_bits=32, act_bits=32)
+                        for p in dict.fromkeys(["@last", "@input", *self.fp_layers])]),
         ]
         if self.smoothquant_alpha is not None:
             stages.append(SmoothQuant(alpha=self.smoothquant_alpha))
@@ -294,26 +295,6 @@ class DMQOfficialConfig(DMQConfig):
 
 
 # ---------------------------------------------------------------------- model preparation
-def keep_first_layer_fp(qmodel: QuantModel) -> str | None:
-    """DMQ keeps conv_in FP: the layer named ``conv_in``, else the first executed layer outside the
-    time embedding (e.g. CompVis ``input_blocks.0.0``). Plan and quantizers are changed in place
-    (a saved model reloads with it). Returns the layer's name."""
-    plans = qmodel.plan.layers
-    names = [lp.name for lp in plans]
-    if not names:
-        return None
-    first = "conv_in" if "conv_in" in names else next(
-        (lp.name for lp in plans if "time_embedding" not in lp.roles), None)
-    if first is None:
-        return None
-    plan, layer = qmodel.plan.layer(first), qmodel.layers()[first]
-    plan.weight_bits = plan.act_bits = 32
-    for q in list(layer.weight_quantizers) + list(layer.act_quantizers):
-        q.set_bits(32)
-    layer.clear_cache()
-    return first
-
-
 @torch.no_grad()
 def use_activation_tables(qmodel: QuantModel, schedule: list[int] | None) -> None:
     """Rebuild every activation quantizer for DMQ: one table row per timestep of ``schedule``
@@ -339,7 +320,7 @@ def pts_layer_names(qmodel: QuantModel, patterns: list[str]) -> list[str]:
     out = []
     layers = qmodel.layers()
     for lp in qmodel.plan.layers:
-        if not any(fnmatch.fnmatchcase(lp.name, p) for p in patterns):
+        if not any(rule_applies(p, lp.name, lp.roles) for p in patterns):
             continue
         layer = layers[lp.name]
         if lp.quantize_input and any(q.active for q in layer.act_quantizers):
@@ -439,10 +420,6 @@ def calibrate_activations(qmodel: QuantModel, data: CalibrationCalls, buckets: T
 
 
 # ---------------------------------------------------------------------- PTS
-class _LayerDone(Exception):
-    """Ends a PTS forward once the layer has run."""
-
-
 @torch.no_grad()
 def pts_for_layer(qmodel: QuantModel, name: str, data: CalibrationCalls, groups: list[tuple[str, int | None, Tensor]],
                   options: "PTSOptions", batch_size: int = 64) -> None:
@@ -465,19 +442,13 @@ def pts_for_layer(qmodel: QuantModel, name: str, data: CalibrationCalls, groups:
                          channel_axis=module.pts_axis)
             return hook
 
-        def stop(module, args, output):
-            raise _LayerDone
-
         handles = [q.register_forward_pre_hook(vote(q, s)) for q, s in zip(quantizers, stats)]
-        handles.append(layer.register_forward_hook(stop))
+        handles.append(stop_after(layer))
         subset = data.subset(index)
         try:
             with quant_state(qmodel, weights=True, acts=True):
                 for sl in subset.slices(batch_size, one_t):
-                    try:
-                        subset.run(qmodel, sl)
-                    except _LayerDone:
-                        pass
+                    run_stoppable(subset.run, qmodel, sl)
         finally:
             for h in handles:
                 h.remove()
@@ -510,17 +481,6 @@ def apply_pts(qmodel: QuantModel, names: list[str], data: CalibrationCalls, buck
 
 
 # ---------------------------------------------------------------------- stages
-@STAGES.register("keep_first_fp")
-class KeepFirstLayerFP(Stage):
-    """DMQ keeps the first executed layer outside the time embedding (conv_in) in FP."""
-
-    family = "coverage"
-    before = frozenset({"weights_init"})
-
-    def prepare(self, qmodel, ctx: StageContext) -> None:
-        keep_first_layer_fp(qmodel)
-
-
 def _attach_scales(qmodel: QuantModel, ctx: StageContext) -> list[str]:
     names = les_layers(qmodel)
     layers = qmodel.layers()
@@ -725,7 +685,6 @@ __all__ = [
     "apply_pts",
     "calibrate_activations",
     "calibrate_step",
-    "keep_first_layer_fp",
     "pts_for_layer",
     "pts_layer_names",
     "run_dmq",

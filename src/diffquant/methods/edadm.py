@@ -6,7 +6,7 @@ ranges, split shortcuts, attention matmuls with an 8-bit softmax):
 1. calibration data (:meth:`EDADMConfig.select_calibration`): N trajectories, one sample each, at
    the steps TDAC allocates (:mod:`diffquant.calib.tdac`; ``tdac=False``: the same N spread evenly);
    the trajectory capture must record the TDAC feature hook (:meth:`EDADMConfig.capture_options`);
-2. the 8-bit rule (:func:`apply_eight_bit_rule`, applied to the wrapped model by :func:`run_edadm`);
+2. the 8-bit rule (:func:`eight_bit_rules`: coverage rules of the wrap stage);
 3. weight init: ``edadm_grid`` per channel on every weight (1-D/2-D search, ``range_search``);
 4. activation init: the calibration set streamed in batches of ``act_init_batch`` with weights and
    activations quantized; every batch runs the search and the range is smoothed 0.9/0.1;
@@ -35,7 +35,7 @@ from torch import nn
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
 from ..calib.tdac import TDACResult, feature_hooks, select_tdac
-from ..config import QuantConfig, checked, knob
+from ..config import LayerRule, QuantConfig, checked, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
@@ -183,8 +183,9 @@ class EDADMConfig:
                           feature_layer=self.tdac_feature_layer, report_dir=self.tdac_report_dir,
                           seed=self.calib_seed, enabled=self.tdac, overlaps_eval=self.calib_overlaps_eval),
             Wrap(split=self.split, softmax_bits=self.softmax_bits, attn_matmul=self.attn_matmul,
-                 weight_grid="asymmetric", act_grid="asymmetric", weight_only=self.weight_only),
-            EightBitLayers(rule=self.eight_bit),
+                 weight_grid="asymmetric", act_grid="asymmetric", weight_only=self.weight_only,
+                 rules=eight_bit_rules(self.eight_bit)),
+            *([RegistrationActQuirk()] if self.eight_bit == "registration" else []),
             RoundToNearest(policy="edadm_grid", range_search=self.range_search),
             ActInit(policy="edadm_grid", n=self.act_init_n, batch=self.act_init_batch),
             FBR(joint=self.joint, iters=self.iters, batch_size=self.batch_size, lr_w=self.lr_w, lr_a=self.lr_a,
@@ -201,8 +202,7 @@ class EDADMConfig:
     def wrap_config(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with EDA-DM's wrapping knobs applied (a new object): asymmetric grids with
         ``edadm_grid`` ranges for weights and activations, split, attention matmuls and softmax
-        bits. The 8-bit rule depends on the traced and registration order of the wrapped model,
-        so the ``eight_bit_layers`` stage applies it (:func:`apply_eight_bit_rule`)."""
+        bits, and the 8-bit rule as coverage rules (:func:`eight_bit_rules`)."""
         return self.to_recipe().wrap_config(quant)
 
     def capture_options(self, unet: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> dict:
@@ -241,64 +241,42 @@ class EDADMOfficialConfig(EDADMConfig):
 
 
 # ---------------------------------------------------------------------- stages
-def _set_layer_bits(qmodel: QuantModel, name: str, *, weights: int | None = None, input_fp: bool = False) -> None:
-    """Raise one layer's weight bits (plan and quantizers) and/or keep its input in FP."""
-    plan = qmodel.plan.layer(name)
-    layer = qmodel.layers()[name]
-    if weights is not None and plan.weight_bits <= 8:
-        plan.weight_bits = max(plan.weight_bits, weights)
-        for q in layer.weight_quantizers:
-            q.set_bits(plan.weight_bits)
-        layer.clear_cache()
-    if input_fp:
-        plan.quantize_input = False
-        layer.use_act_quant = False
+def eight_bit_rules(rule: str = "conv_in_out") -> list[LayerRule]:
+    """EDA-DM's higher-precision layers as coverage rules (docs/methods.md §4.2, §4.4); 8 bits is a
+    floor (a layer kept at 16/32 bit stays there):
 
-
-def apply_eight_bit_rule(qmodel: QuantModel, rule: str = "conv_in_out") -> dict[str, list[str]]:
-    """EDA-DM's higher-precision layers, applied to a wrapped model in place (plan included, so
-    a saved model reloads with them). Returns what was changed.
-
-    - ``conv_in_out`` (library): conv_in — the layer named ``conv_in``, else the first executed
-      layer outside the time embedding — and conv_out (the last executed layer) at W8; conv_out's
-      input stays FP;
+    - ``conv_in_out`` (library): the input layer (``@input``: conv_in) and the last executed layer
+      (``@last``: conv_out) with 8-bit weights; conv_out's input stays FP;
     - ``registration`` (official ``set_first_last_layer_to_8bit`` +
       ``disable_network_output_quantization``): the first and last layers in registration order
-      at W8, the second-to-last activation quantizer in registration order at 8 bit, the last
-      registered layer's input FP;
-    - ``none``: nothing.
-    Layers kept at 16/32 bit stay there; 8 bit is never lowered.
+      at W8, the last one's input FP (the official code's second-to-last activation quantizer at
+      8 bit is the ``registration_act_quirk`` stage);
+    - ``none``: no rule.
     """
     if rule not in EIGHT_BIT_RULES:
         raise ConfigError(f"eight_bit must be one of {', '.join(EIGHT_BIT_RULES)}, got {rule!r}")
-    changed: dict[str, list[str]] = {"weights_8bit": [], "acts_8bit": [], "input_fp": []}
-    plans = qmodel.plan.layers
-    if rule == "none" or not plans:
-        return changed
-    if rule == "conv_in_out":
-        names = [lp.name for lp in plans]
-        first = "conv_in" if "conv_in" in names else next(
-            (lp.name for lp in plans if "time_embedding" not in lp.roles), names[0])
-        last = next((lp.name for lp in plans if "last" in lp.roles), names[-1])  # last *called* layer
-    else:
-        position = {name: i for i, (name, _) in enumerate(qmodel.model.named_modules())}
-        ordered = sorted((lp.name for lp in plans), key=position.__getitem__)
-        first, last = ordered[0], ordered[-1]
-        acts = list(qmodel.quantizers("act").items())  # registration order
-        if len(acts) >= 2:
-            name, q = acts[-2]
-            if q.bits <= 8:
-                q.set_bits(max(q.bits, 8))
-                changed["acts_8bit"].append(name)
-                owner = name.split(".act_quantizers.")[0]
-                if owner in qmodel.layers() and qmodel.layers()[owner].split is None:
-                    qmodel.plan.layer(owner).act_bits = q.bits  # keeps the summary truthful
-    for name in dict.fromkeys((first, last)):
-        _set_layer_bits(qmodel, name, weights=8)
-        changed["weights_8bit"].append(name)
-    _set_layer_bits(qmodel, last, input_fp=True)
-    changed["input_fp"].append(last)
-    return changed
+    if rule == "none":
+        return []
+    first, last = ("@input", "@last") if rule == "conv_in_out" else ("@first_registered", "@last_registered")
+    return [LayerRule(first, weight_bits=8, at_least=True),
+            LayerRule(last, weight_bits=8, at_least=True, quantize_input=False)]
+
+
+def raise_registration_act_quirk(qmodel: QuantModel) -> str | None:
+    """The official EDA-DM code's ``set_first_last_layer_to_8bit`` also sets the second-to-last
+    activation quantizer in registration order to 8 bit (for a split layer: one half only); this
+    is a quantizer-level artifact of that code, not a layer rule. Returns the quantizer's name."""
+    acts = list(qmodel.quantizers("act").items())  # registration order
+    if len(acts) < 2:
+        return None
+    name, q = acts[-2]
+    if q.bits > 8:
+        return None
+    q.set_bits(8)
+    owner = name.split(".act_quantizers.")[0]
+    if owner in qmodel.layers() and qmodel.layers()[owner].split is None:
+        qmodel.plan.layer(owner).act_bits = q.bits  # keeps the summary truthful
+    return name
 
 
 def init_activations(qmodel: QuantModel, data: CalibrationCalls | None, config: EDADMConfig,
@@ -371,23 +349,16 @@ class TDACSelection(Stage):
         return Path(cache.path) / f"tdac-{digest}"
 
 
-@dataclass
-@checked
-class EightBitOptions:
-    rule: Literal["conv_in_out", "registration", "none"] = knob(
-        "conv_in_out", doc="conv_in_out: conv_in and conv_out at W8, conv_out input FP | registration (official) | none")
-
-
-@STAGES.register("eight_bit_layers")
-class EightBitLayers(Stage):
-    """EDA-DM's higher-precision first and last layers (:func:`apply_eight_bit_rule`)."""
+@STAGES.register("registration_act_quirk")
+class RegistrationActQuirk(Stage):
+    """The official EDA-DM code's second-to-last activation quantizer (registration order) at 8
+    bit (:func:`raise_registration_act_quirk`); only ``edadm_official`` runs it."""
 
     family = "coverage"
-    Options = EightBitOptions
-    before = frozenset({"weights_init"})
+    before = frozenset({"acts_init"})
 
     def prepare(self, qmodel, ctx: StageContext) -> None:
-        apply_eight_bit_rule(qmodel, self.options.rule)
+        raise_registration_act_quirk(qmodel)
 
 
 @dataclass
@@ -492,7 +463,8 @@ __all__ = [
     "EDADMOfficialConfig",
     "EIGHT_BIT_RULES",
     "RANGE_SEARCHES",
-    "apply_eight_bit_rule",
+    "eight_bit_rules",
+    "raise_registration_act_quirk",
     "configure_range_search",
     "fbr_passes",
     "init_activations",

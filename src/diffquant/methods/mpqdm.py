@@ -4,8 +4,9 @@ and ``efficientdm``.
 Not a reconstruction method. Given a model wrapped with :meth:`MPQDMConfig.wrap_config`
 (``lp_shrink`` ranges, no split, attention matmuls FP):
 
-1. coverage by role (:mod:`diffquant.finetune.coverage`): conv_in, the time-embedding MLP and
-   conv_out at W8A8 (static, frozen); shortcut and downsample convs FP; all other layers "mixed";
+1. coverage rules on the plan's roles (:mod:`diffquant.finetune.coverage`, in the wrap stage):
+   conv_in, the time-embedding MLP and conv_out at W8A8 (static, frozen); shortcut and downsample
+   convs FP; all other layers "mixed";
 2. Stage 1 (:mod:`diffquant.finetune.stage1`) on ``stage1_batch`` random tuples of the calibration
    pool (every step of the FP trajectories, :meth:`MPQDMConfig.select_calibration`): SmoothQuant
    α = 0.5, OMQ's kurtosis split N−1/N/N+1, per-channel ``lp_shrink`` weights per bit group,
@@ -37,7 +38,7 @@ from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
 from ..config import QuantConfig, checked, knob
 from ..errors import ConfigError
-from ..finetune.coverage import DEFAULT_EIGHT_BIT, DEFAULT_FP, apply_coverage
+from ..finetune.coverage import DEFAULT_EIGHT_BIT, DEFAULT_FP, coverage_of, coverage_rules
 from ..finetune.qalora import (
     LORA_LR_MODES, FinetuneCheckpoint, FinetuneOptions, attach_adapters, build_optimizer, expand_act_tables,
     finetune, set_trainable,
@@ -119,6 +120,7 @@ class MPQDMConfig:
     official: bool = False
 
     def __post_init__(self) -> None:
+        coverage_rules(self.eight_bit_layers, self.fp_layers)  # an unknown @role: one line, now
         if self.efficientdm_only:
             self.omq = self.smooth = self.trd = self.learn_weight_zero_point = False
         if self.omq_criterion not in CRITERIA:
@@ -156,8 +158,8 @@ class MPQDMConfig:
         """These knobs as the stage list of the ``mpqdm`` preset (``recipes/presets``)."""
         stages = [
             AllStepsSelection(cali_n=self.pool_n),
-            Wrap(split=False, attn_matmul=False, weight_only=self.weight_only),
-            RoleCoverage(eight_bit_layers=self.eight_bit_layers, fp_layers=self.fp_layers),
+            Wrap(split=False, attn_matmul=False, weight_only=self.weight_only,
+                 rules=coverage_rules(self.eight_bit_layers, self.fp_layers)),
             OMQ(smooth=self.smooth, smooth_alpha=self.smooth_alpha, mixed=self.omq, criterion=self.omq_criterion,
                 candidates=self.omq_candidates, batch=self.stage1_batch, pick_seed=self.calib_seed),
             QALoRA(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QALoRAOptions)}),
@@ -237,9 +239,9 @@ def _stage1_runner(calib_set: CalibrationSet | None, forward_loop: ForwardLoop |
 
 
 def _mixed_layers(qmodel: QuantModel, ctx: StageContext) -> list[str]:
-    """The role_coverage stage's mixed layers, else every wrapped layer."""
-    coverage = ctx.shared.get("coverage")
-    return list(coverage["mixed"]) if coverage is not None else [lp.name for lp in qmodel.plan.layers]
+    """The layers no coverage rule sets (:func:`~diffquant.finetune.coverage.coverage_of`)."""
+    ctx.shared.setdefault("coverage", coverage_of(qmodel))
+    return list(ctx.shared["coverage"]["mixed"])
 
 
 def _keep_records(qmodel: QuantModel, ctx: StageContext) -> None:
@@ -252,26 +254,6 @@ def _keep_records(qmodel: QuantModel, ctx: StageContext) -> None:
 
 
 # ---------------------------------------------------------------------- stages
-@dataclass
-@checked
-class RoleCoverageOptions:
-    eight_bit_layers: list[str] = knob(list(DEFAULT_EIGHT_BIT), doc="W8A8 (static, frozen) layers: @roles or name globs")
-    fp_layers: list[str] = knob(list(DEFAULT_FP), doc="layers kept FP: @shortcut, @downsample or name globs")
-
-
-@STAGES.register("role_coverage")
-class RoleCoverage(Stage):
-    """MPQ-DM's coverage by role: 8-bit and FP layers; the rest are the mixed layers (§6)."""
-
-    family = "coverage"
-    Options = RoleCoverageOptions
-    provides = frozenset({"mixed_layers"})
-    before = frozenset({"weights_init"})
-
-    def prepare(self, qmodel, ctx: StageContext) -> None:
-        ctx.shared["coverage"] = apply_coverage(qmodel, self.options.eight_bit_layers, self.options.fp_layers)
-
-
 @dataclass
 @checked
 class OMQOptions:
@@ -296,7 +278,6 @@ class OMQ(Stage):
 
     family = "bit_allocation"
     Options = OMQOptions
-    requires = frozenset({"mixed_layers"})
     before = frozenset({"weights_rounded", "finetuned"})
 
     def facts(self):
@@ -313,7 +294,7 @@ class OMQ(Stage):
         quant = qmodel.quant_config
         runner = _stage1_runner(ctx.calib_set, ctx.forward_loop, ctx.call, o.batch, o.pick_seed, ctx.device)
         ctx.shared["stage1"] = run_stage1(
-            qmodel, runner, ctx.shared["coverage"]["mixed"],
+            qmodel, runner, _mixed_layers(qmodel, ctx),
             Stage1Options(smooth=o.smooth, alpha=o.smooth_alpha, omq=o.mixed, criterion=o.criterion,
                           candidates=o.candidates, seed=ctx.engine.seed),
             quantize_weights=quant.quantize_weights, quantize_acts=quant.quantize_acts,

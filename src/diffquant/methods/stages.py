@@ -255,7 +255,7 @@ class WrapOptions:
     time_embedding: str | None = knob(None, doc="time-embedding MLP treatment (e.g. fp); null: the wrap config's")
     timestep_lookup: str | None = knob(None, doc="exact | nearest per-timestep table lookup (§1.7); null: the wrap config's")
     weight_only: bool = knob(False, doc="no activation quantization (e.g. W4A32)")
-    fp_layers: list[str] = knob([], doc="coverage rules kept in FP (W32A32): @roles or name globs")
+    rules: list[LayerRule] = knob([], doc="coverage rules in order, a later one wins: {pattern: @role or glob, weight_bits, act_bits, at_least, quantize_input, skip} (§1.10)")
 
     def __post_init__(self) -> None:
         if self.softmax_bits is not None:
@@ -264,7 +264,8 @@ class WrapOptions:
 
 @STAGES.register("wrap")
 class Wrap(Stage):
-    """Wrapping knobs and FP coverage rules fixed before the model is wrapped."""
+    """Wrapping knobs and the coverage rules, fixed before the model is wrapped: every paper's
+    choice of layers kept at higher precision is a rule list here (roles come from the plan)."""
 
     family = "coverage"
     Options = WrapOptions
@@ -275,8 +276,8 @@ class Wrap(Stage):
                                           "time_embedding", "timestep_lookup") if getattr(o, k) is not None}
         if o.weight_only:
             out["quantize_acts"] = False
-        if o.fp_layers:
-            out["rules"] = [LayerRule(p, weight_bits=32, act_bits=32) for p in o.fp_layers]
+        if o.rules:
+            out["rules"] = list(o.rules)
         return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from ..config import DEFAULT_BLOCK_TYPES, QuantConfig, checked, from_dict
+from ..config import DEFAULT_BLOCK_TYPES, QuantConfig, checked, from_dict, role_of
 from ..nn.layers import SUPPORTED, layer_kind
 from ..quant.affine import validate_bits
 from .trace import FROM_X, TraceResult
@@ -109,7 +109,10 @@ def make_plan(
     _warn_unmatched(config, [n for n, m in modules.items() if n and isinstance(m, SUPPORTED)])
     found: dict[str, str] = {}
     time_layers = time_embedding_layers(config, candidates, trace, modules, found)
-    structural = structural_roles(trace, called)
+    structural = structural_roles(trace, called, modules)
+    registered = [n for n in modules if n in set(candidates)]
+    if registered:
+        structural["first_registered"], structural["last_registered"] = {registered[0]}, {registered[-1]}
 
     layers: list[LayerPlan] = []
     for name in candidates:
@@ -129,10 +132,10 @@ def make_plan(
             a_bits = _bits_for_mode(config.time_embedding, a_bits)
         skip = False
         for rule in config.rules:
-            if _rule_applies(rule.pattern, name, roles):
+            if rule_applies(rule.pattern, name, roles):
                 skip = skip or rule.skip
-                w_bits = rule.weight_bits if rule.weight_bits is not None else w_bits
-                a_bits = rule.act_bits if rule.act_bits is not None else a_bits
+                w_bits = _rule_bits(rule.weight_bits, w_bits, rule.at_least)
+                a_bits = _rule_bits(rule.act_bits, a_bits, rule.at_least)
                 if rule.quantize_input is not None:
                     quantize_input = rule.quantize_input
         if skip:
@@ -171,18 +174,40 @@ def _inside_a_block(trace: TraceResult):
     return lambda n: any(n.startswith(b + ".") for b in blocks)
 
 
-def structural_roles(trace: TraceResult, called: list[str]) -> dict[str, set[str]]:
-    """Roles read off the traced data flow, for rules (``@input``, ``@time_projection``):
-    ``input`` is the first executed layer whose input is computed from the sample x (conv_in of a
-    UNet, the patch embedding of a DiT); ``time_projection`` are the layers inside residual blocks
-    whose input comes from the timestep alone and whose output meets the block's features (a
-    ResBlock's projection of the time embedding, a DiT block's adaLN linear)."""
+def structural_roles(trace: TraceResult, called: list[str], modules: dict[str, nn.Module]) -> dict[str, set[str]]:
+    """Roles read off the traced forward, for rules (docs/methods.md §1.10):
+
+    - ``input``: the first executed layer whose input is computed from the sample x (conv_in of
+      a UNet, the patch embedding of a DiT);
+    - ``time_projection``: layers inside residual blocks whose input comes from the timestep alone
+      and whose output meets the block's features (a ResBlock's projection of the time
+      embedding, a DiT block's adaLN linear);
+    - ``shortcut``: layers projecting a block's own input onto the block's residual addition;
+    - ``attention``: the layers of the modules that compute attention (a softmax or SDPA);
+    - ``downsample``: convolutions with a stride > 1, except the input and last layers.
+    """
     if not trace.input_flow:
         return {}
     first = next((n for n in called if trace.input_flow.get(n, 0) & FROM_X), None)
+    last = called[-1] if called else None
     inside = _inside_a_block(trace)
+    attention = {n for n in called if any(n.startswith(a + ".") for a in trace.attention_modules)}
+
+    def strided(name: str) -> bool:
+        stride = getattr(modules[name], "stride", 1) if isinstance(modules[name], (nn.Conv1d, nn.Conv2d)) else 1
+        return any(s > 1 for s in (stride if isinstance(stride, (tuple, list)) else (stride,)))
+
     return {"input": {first} if first else set(),
-            "time_projection": {n for n in trace.timestep_only_layers() if inside(n) and n in trace.time_mixing}}
+            "time_projection": {n for n in trace.timestep_only_layers() if inside(n) and n in trace.time_mixing},
+            "shortcut": set(trace.shortcut_layers) & set(called),
+            "attention": attention,
+            "downsample": {n for n in called if n not in (first, last) and strided(n)}}
+
+
+def _rule_bits(rule_bits: int | None, bits: int, at_least: bool) -> int:
+    if rule_bits is None:
+        return bits
+    return max(bits, rule_bits) if at_least else rule_bits
 
 
 def time_embedding_layers(config: QuantConfig, candidates: list[str], trace: TraceResult,
@@ -219,12 +244,20 @@ def _warn_unmatched(config: QuantConfig, layer_names: list[str]) -> None:
                 warnings.warn(f"QuantConfig.{option} pattern {pattern!r} matches no layer of this model", stacklevel=4)
 
 
-def _rule_applies(pattern: str, name: str, roles: list[str]) -> bool:
-    """A rule pattern is a name glob, or ``@role``: ``@first``, ``@last`` (execution order),
-    ``@time_embedding``, ``@input``, ``@time_projection`` (see :func:`structural_roles`)."""
-    if pattern.startswith("@"):
-        return pattern[1:] in roles
+def rule_applies(pattern: str, name: str, roles: list[str]) -> bool:
+    """A rule pattern is a name glob, or ``@role`` (:data:`~diffquant.config.LAYER_ROLES`, found
+    by :func:`make_plan` and stored in each layer's ``roles``; ``@conv_in``/``@conv_out`` are
+    ``@input``/``@last``)."""
+    role = role_of(pattern)
+    if role is not None:
+        return role in roles
     return fnmatch.fnmatchcase(name, pattern)
+
+
+def layers_set_by_rules(plan: "WrapPlan", rules) -> set[str]:
+    """The planned layers whose bits some rule in ``rules`` sets (the rest stay at the model's bits)."""
+    setting = [r for r in rules if r.weight_bits is not None or r.act_bits is not None]
+    return {lp.name for lp in plan.layers if any(rule_applies(r.pattern, lp.name, lp.roles) for r in setting)}
 
 
 def make_units(

@@ -54,6 +54,8 @@ class _CatRecorder(TorchFunctionMode):
 
 FROM_X, FROM_T = 1, 2
 _ADD_FUNCS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.add_, Tensor.__iadd__}
+_ATTENTION_FUNCS = {torch.softmax, torch.nn.functional.softmax, Tensor.softmax,
+                    torch.nn.functional.scaled_dot_product_attention}
 
 
 def _tensors(obj):
@@ -89,6 +91,12 @@ class _FlowRecorder(TorchFunctionMode):
         self.mixing: set[str] = set()
         #: timestep-only layers whose output (through non-layer operations) feeds another such layer
         self.feeding: set[str] = set()
+        #: depth of the module call in which each softmax / scaled-dot-product attention ran
+        self.attention_depths: list[int] = []
+        #: id(tensor) -> (weakref, layer) of layer outputs computed from the calling module's own
+        #: input, while that module runs; such an output added to another tensor is a shortcut
+        self.projections: dict[int, tuple[weakref.ref, str]] = {}
+        self.shortcuts: set[str] = set()
 
     def set_origin(self, tensor: Tensor, name: str) -> None:
         self._origins[id(tensor)] = (weakref.ref(tensor), frozenset([name]))
@@ -150,7 +158,15 @@ class _FlowRecorder(TorchFunctionMode):
             for t in _tensors(out):
                 self.tag(t, flag)
         if func in _ADD_FUNCS and isinstance(out, Tensor):
-            self.adds.append(({id(t) for t in _tensors(args)}, id(out), self.depth))
+            operands = list(_tensors(args))
+            self.adds.append(({id(t) for t in operands}, id(out), self.depth))
+            if len(operands) > 1:
+                for t in operands:
+                    entry = self.projections.get(id(t))
+                    if entry is not None and entry[0]() is t:
+                        self.shortcuts.add(entry[1])
+        if func in _ATTENTION_FUNCS:
+            self.attention_depths.append(self.depth)
         if func in _CAT_FUNCS and flag & FROM_X:
             self._record_cat(args, kwargs)
         return out
@@ -182,6 +198,12 @@ class TraceResult:
     time_mixing: set[str] = field(default_factory=set)
     #: timestep-only layers whose output feeds another timestep-only layer (inside the MLP)
     time_feeding: set[str] = field(default_factory=set)
+    #: layers that project a module's own input straight onto an addition inside that module: the
+    #: shortcut of a residual block (diffusers ``conv_shortcut``, CompVis ``skip_connection``)
+    shortcut_layers: set[str] = field(default_factory=set)
+    #: modules whose own forward computes a softmax / scaled-dot-product attention, widened to the
+    #: enclosing module when they hold no layer themselves (CompVis ``QKVAttention`` → its block)
+    attention_modules: list[str] = field(default_factory=list)
 
     def middle_feature_module(self) -> str | None:
         """The module whose input is the middle of the network (TDAC's feature, docs/methods.md §4.1):
@@ -244,6 +266,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
     multi_layer: dict[str, int] = {}  # modules calling >= 2 quantized layers -> their input's flow flags
     started: dict[str, int] = {}  # module name -> clock at the start of its first call
     sizes: dict[str, tuple[int, int]] = {}  # module name -> spatial size of its input and output
+    attending: list[str] = []  # modules whose own forward ran a softmax / attention
 
     def make_post_hook(name: str):
         def post(mod, inputs, output):
@@ -265,6 +288,12 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
                 parent = open_calls[-1]
                 if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in parent["inputs"]:
                     parent["inputs"].add(id(output))  # a projected shortcut of the parent's input
+                    flow.projections[id(output)] = (weakref.ref(output), name)
+                    parent["projections"].append(id(output))
+            for i in call["projections"]:  # an addition after the block returned is not its shortcut
+                flow.projections.pop(i, None)
+            if name and any(d == call["depth"] for d in flow.attention_depths[call["attention"]:]):
+                attending.append(name)
             if call["layers"] >= 2 and name and not isinstance(mod, SUPPORTED):
                 multi_layer.setdefault(name, call["flag"])
                 adds = [(ops, depth) for ops, _, depth in flow.adds[call["adds"]:] if ops & call["inputs"] and len(ops) > 1]
@@ -282,7 +311,8 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
                 result.call_index[name] = len(result.call_index)
             open_calls.append({"inputs": {id(t) for t in _tensors(inputs[:1])}, "adds": len(flow.adds),
                                "layers": 1 if isinstance(mod, SUPPORTED) else 0, "depth": len(open_calls) + 1,
-                               "flag": flow.flag(inputs[:1])})
+                               "flag": flow.flag(inputs[:1]), "projections": [],
+                               "attention": len(flow.attention_depths)})
             flow.depth = len(open_calls)
             if isinstance(mod, SUPPORTED) and inputs and isinstance(inputs[0], Tensor):
                 result.input_flow.setdefault(name, flow.flag(inputs[0]))
@@ -320,8 +350,28 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Tr
     result.outer_blocks = sorted(outer, key=lambda n: result.call_index.get(n, 0))
     result.middle_blocks = _middle_blocks(result.outer_blocks, started, sizes, flow.cat_operands)
     result.time_mixing = set(flow.mixing)
+    result.shortcut_layers = set(flow.shortcuts)
+    result.attention_modules = _attention_modules(model, attending, result.call_index)
     result.time_feeding = set(flow.feeding)
     return result
+
+
+def _attention_modules(model: nn.Module, attending: list[str], order: dict[str, int]) -> list[str]:
+    """Each attending module, or its nearest enclosing module that holds quantizable layers; the
+    outermost of nested ones, in call order."""
+    modules = dict(model.named_modules())
+
+    def holds_layers(name: str) -> bool:
+        return any(isinstance(m, SUPPORTED) for m in modules[name].modules())
+
+    found = []
+    for name in dict.fromkeys(attending):
+        while name and not holds_layers(name):
+            name = name.rpartition(".")[0]
+        if name:
+            found.append(name)
+    outer = [n for n in dict.fromkeys(found) if not any(n.startswith(o + ".") for o in found if o != n)]
+    return sorted(outer, key=lambda n: order.get(n, 0))
 
 
 def _spatial(x: Tensor) -> int:

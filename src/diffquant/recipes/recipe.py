@@ -24,7 +24,6 @@ from .stage import FAMILIES, EngineSettings, Stage, StageContext
 #: what each fact means, for one-line refusals
 FACTS = {
     "calibration_set": "the calibration set selected",
-    "mixed_layers": "the mixed-precision layers chosen (role_coverage)",
     "input_scales": "per-channel input scales τ set",
     "weights_init": "the weight quantizers initialised",
     "weights_rounded": "the weight rounding learned",
@@ -36,7 +35,7 @@ FACTS = {
     "finetuned": "the model fine-tuned",
 }
 #: facts at most one stage of a recipe may provide
-EXCLUSIVE = frozenset({"calibration_set", "input_scales", "weights_rounded", "bit_allocation", "act_tables",
+EXCLUSIVE = frozenset({"calibration_set", "input_scales", "weights_init", "weights_rounded", "bit_allocation", "act_tables",
                        "acts_learned", "pts", "finetuned"})
 PRESETS_DIR = Path(__file__).parent / "presets"
 

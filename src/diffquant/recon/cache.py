@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calib.calls import CalibrationCalls, DenoiserCall, default_call  # noqa: F401 (re-exported: public here)
+from ..calib.stop import run_stoppable, stop_forward
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from .state import quant_state
@@ -218,10 +219,6 @@ class CallRecord:
         return sum(leaf.nbytes for leaf in self.leaves if isinstance(leaf, TensorStore))
 
 
-class _UnitDone(Exception):
-    """Raised by a cache hook to end the forward once the unit has been seen."""
-
-
 def first_tensor(output: Any) -> Tensor:
     """The tensor a unit returns (the first one when it returns a tuple or a diffusers output)."""
     if isinstance(output, Tensor):
@@ -299,14 +296,14 @@ def _capture(model: nn.Module, unit_name: str, data: CalibrationCalls, *, record
         if record is not None:
             record.write(current["index"], args, kwargs)
         if on_output is None:
-            raise _UnitDone
+            stop_forward()  # the unit's input is all this pass needs
 
     def post_hook(mod, args, kwargs, output):
         if "out" in current:
             return None
         current["out"] = True
         on_output(current["index"], first_tensor(output))
-        raise _UnitDone
+        stop_forward()
 
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     if on_output is not None:
@@ -317,10 +314,7 @@ def _capture(model: nn.Module, unit_name: str, data: CalibrationCalls, *, record
         for index in data.slices(batch_size, one_timestep):
             current.clear()
             current["index"] = index
-            try:
-                data.run(model, index)
-            except _UnitDone:
-                pass
+            run_stoppable(data.run, model, index)
             if "seen" not in current:
                 raise DiffquantError(f"unit {unit_name!r} was not called by the denoiser")
     finally:

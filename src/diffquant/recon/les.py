@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..calib.stop import run_stoppable, stop_forward
 from ..errors import ConfigError, DiffquantError
 from ..model.qmodel import QuantModel
 from ..nn.layers import QuantLayer, attach_input_scale
@@ -143,10 +144,6 @@ def les_forward(layer: QuantLayer, x: Tensor, *, weights: bool = True, acts: boo
 
 
 # ---------------------------------------------------------------------- float input/output capture
-class _Captured(Exception):
-    """Ends a capture forward once every hooked layer has been seen."""
-
-
 @dataclass
 class LayerIO:
     """A layer's float input and output for N calibration samples."""
@@ -210,7 +207,7 @@ def capture_layer_io(model: nn.Module, names: list[str], data: CalibrationCalls,
             stores[name].inputs.write(index, x)
             stores[name].outputs.write(index, output)
             if len(seen) == len(names):
-                raise _Captured
+                stop_forward()  # every hooked layer seen
             return None
 
         return hook
@@ -229,10 +226,7 @@ def capture_layer_io(model: nn.Module, names: list[str], data: CalibrationCalls,
             for index in data.slices(options.batch_size, one_timestep):
                 seen.clear()
                 current["index"] = index
-                try:
-                    data.run(model, index)
-                except _Captured:
-                    pass
+                run_stoppable(data.run, model, index)
                 if len(seen) != len(names):
                     missing = sorted(set(names) - seen)
                     raise DiffquantError(f"layers {missing[:3]} were not called by the denoiser")
