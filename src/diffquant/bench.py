@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         fp_images = fp.images
         rows = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp.images, fp.labels),
                  "calib_s": 0.0, "sample_s": round(fp_sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-                 "size_mb": round(float_size_mb(bundle.unet), 3)}]
+                 "size_mb": round(float_size_mb(bundle.unet), 3), "load_1m": round(os.getloadavg()[0], 2)}]
         curves = {}
         commands = [command]
         grids = [fp.images[:per_row]]
@@ -207,6 +208,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         print(f"[bench] {recipe} {tag}: calibrating")
         quant = build_quant_config(wbits, abits, None, split=cfg.split)
         res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config)
+        calib_load = os.getloadavg()[0]  # timings are only comparable at a known machine load
         qbundle = bundle.with_unet(res.qmodel)
         t0 = time.perf_counter()
         qs = sample(qbundle, cfg.n, **sample_kw)
@@ -218,7 +220,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
                "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
                "capture_s": round(res.timings.get("capture_s", 0.0), 1),
                "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-               "size_mb": round(model_size_mb(res.qmodel), 3)}
+               "size_mb": round(model_size_mb(res.qmodel), 3), "load_1m": round(calib_load, 2)}
         if done:  # a kept row whose samples were lost: replaced in place
             rows[done[0]], grids[done[0]] = row, qs.images[:per_row]
         else:
