@@ -122,3 +122,48 @@ def test_yaml_reads_words_as_strings_and_exponents_as_floats(tmp_path):
     path = tmp_path / "q.yaml"
     path.write_text("timestep_lookup: nearest\nsplit: true\n")
     assert load_yaml(QuantConfig, path).split is True
+
+
+def test_default_of_takes_a_stage_knob_with_its_bounds_and_description():
+    """Flat configs re-expose stage knobs through default_of: one default, written once."""
+    import dataclasses as dc
+
+    from diffquant.config import checked, default_of, knob
+    from diffquant.errors import ConfigError as Error
+
+    @dc.dataclass
+    @checked
+    class Stage:
+        iters: int = knob(7, ge=1, doc="iterations")
+        names: list = knob(["a"], doc="globs")
+
+    @dc.dataclass
+    @checked
+    class Flat:
+        iters_w: int = default_of(Stage, "iters")
+        names: list = default_of(Stage, "names")
+        loose: int = default_of(Stage, "iters", doc="other text", ge=0)
+
+    flat = Flat()
+    assert flat.iters_w == 7 and flat.names == ["a"] and flat.loose == 7
+    assert dc.fields(Flat)[0].metadata["doc"] == "iterations" and dc.fields(Flat)[2].metadata["doc"] == "other text"
+    flat.names.append("b")
+    assert Flat().names == ["a"]  # a list default is copied per instance
+    with pytest.raises(Error, match="iters_w must be >= 1"):
+        Flat(iters_w=0)
+    assert Flat(loose=0).loose == 0
+
+
+def test_the_papers_flat_configs_take_their_stage_defaults():
+    """β, λ, iterations and the engine knobs are declared once, on the stages and EngineSettings."""
+    from diffquant.methods import DMQConfig, EDADMConfig, QDiffusionConfig
+    from diffquant.methods.stages import AdaRoundOptions
+    from diffquant.quant.adaround import BetaSchedule
+    from diffquant.recipes import EngineSettings
+
+    assert AdaRoundOptions().beta_start == BetaSchedule.start == QDiffusionConfig().beta_start == DMQConfig().beta_start
+    assert EDADMConfig().beta_start == BetaSchedule.start and EDADMConfig().warmup == BetaSchedule.warmup
+    assert QDiffusionConfig().round_reg_weight == DMQConfig().round_reg_weight == AdaRoundOptions().reg_weight
+    for cfg in (QDiffusionConfig(), DMQConfig(), EDADMConfig()):
+        assert (cfg.seed, cfg.cache_dtype, cfg.eval_samples) == (EngineSettings.seed, EngineSettings.cache_dtype,
+                                                                 EngineSettings.eval_samples)

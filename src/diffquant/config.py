@@ -49,6 +49,19 @@ def knob(default: Any, doc: str = "", **limits) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def default_of(options_cls: type, name: str, doc: str | None = None, **limits) -> Any:
+    """A field whose default is the one ``options_cls`` declares for ``name`` (with its bounds
+    and description unless ``limits`` are given): a flat config that re-exposes a stage's knob
+    refers to the stage's default instead of writing it a second time."""
+    source = options_cls.__dataclass_fields__[name]
+    value = source.default if source.default is not dataclasses.MISSING else source.default_factory()
+    metadata = dict(source.metadata) if not limits else bounds(**limits)
+    metadata["doc"] = source.metadata.get("doc", "") if doc is None else doc
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return field(default=value, metadata=metadata)
+
+
 _DEFAULT_BOUNDS = bounds()["bounds"]
 
 

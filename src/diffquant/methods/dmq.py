@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
 from ..calib.stop import run_stoppable, stop_after
-from ..config import LayerRule, QuantConfig, checked, knob
+from ..config import LayerRule, QuantConfig, checked, default_of, knob
 from ..errors import ConfigError, DiffquantError
 from ..model.plan import rule_applies
 from ..model.qmodel import QuantModel
@@ -69,7 +69,7 @@ from ..recon.progress import ReconProgress
 from ..recon.state import quant_state
 from ..recon.time_weight import TIME_WEIGHTS
 from ..recon.units import GRANULARITIES, UNIT_ORDERS
-from .stages import AdaRound, AllStepsSelection, RoundToNearest, UniformSelection, Wrap, acts_quantized, one_timestep
+from .stages import AdaRound, AdaRoundOptions, AllStepsSelection, RoundToNearest, UniformSelection, Wrap, acts_quantized, one_timestep
 
 log = logging.getLogger("diffquant.methods")
 
@@ -93,6 +93,45 @@ def _globs(name: str, value, named: dict[str, list[str]]) -> list[str]:
     for v in value:
         out += named.get(v, [v])
     return out
+
+
+# ---------------------------------------------------------------------- stage options
+@dataclass
+@checked
+class LESStageOptions:
+    scope: Literal["layer", "block"] = knob("layer", doc="layer: each layer's τ against its own output (the paper) | block: a unit's τ jointly")
+    iters: int = knob(6000, doc="Adam iterations per layer (block)")
+    lr: float = knob(1e-3, gt=0, doc="learning rate of τ")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    time_weight: str = knob("focal", doc="adaptive timestep weighting: focal | linear | quadratic | uniform (§5.2)")
+    alpha: float = knob(20.0, doc="α of the timestep weighting")
+    momentum: float = knob(0.95, lt=1, doc="momentum of the per-step loss estimate")
+
+    def __post_init__(self) -> None:
+        if self.time_weight not in TIME_WEIGHTS:
+            raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
+
+
+@dataclass
+@checked
+class StepTablesOptions:
+    per_step: bool = knob(True, doc="one activation table row per calibration step (false: one shared row)")
+    init_n: int = knob(16, ge=1, doc="random samples of a step for the minmax init")
+    batch: int = knob(16, ge=1, doc="batch of the ema_minmax stream over the step")
+    momentum: float = knob(0.95, lt=1, doc="momentum of that stream")
+
+
+@dataclass
+@checked
+class PTSOptions:
+    mode: Literal["mse", "vote"] = knob("vote", doc="per-channel power-of-two factor: vote (DMQ) | mse")
+    kappa: float = knob(0.85, le=1, doc="κ: vote threshold")
+    D: int = knob(3, doc="largest exponent: factors 2^-d, d ≤ D")
+    layers: list[str] = knob(list(DEFAULT_PTS_LAYERS), doc="the PTS layers: @roles or name globs; skip_connection | all")
+    per_step: bool = knob(True, doc="factors per calibration step (official) or one static vote")
+
+    def __post_init__(self) -> None:
+        self.layers = _globs("layers", self.layers, {"skip_connection": DEFAULT_PTS_LAYERS, "all": ["*"]})
 
 
 @dataclass
@@ -123,13 +162,13 @@ class DMQConfig:
     les: bool = True
     #: layer (each layer's τ against its own float output; the paper's) | block (the τ of a
     #: reconstruction block's layers learned jointly against the block's float output)
-    les_scope: str = "layer"
-    les_iters: int = 6000
-    les_lr: float = knob(1e-3, gt=0)
+    les_scope: str = default_of(LESStageOptions, "scope")
+    les_iters: int = default_of(LESStageOptions, "iters")
+    les_lr: float = default_of(LESStageOptions, "lr")
     #: focal | linear | quadratic | uniform
-    time_weight: str = "focal"
-    alpha: float = 20.0
-    momentum: float = 0.95
+    time_weight: str = default_of(LESStageOptions, "time_weight")
+    alpha: float = default_of(LESStageOptions, "alpha")
+    momentum: float = default_of(LESStageOptions, "momentum")
     #: SmoothQuant baseline (§5.1, §8 smoothquant_baseline(alpha)): None = off; α in [0, 1] sets
     #: τ_c = max|X_c|^α / max|W_c|^(1−α) (float calibration inputs) on every layer LES would
     #: cover instead of learning it. It replaces LES, so it needs les=False (both set: ConfigError)
@@ -141,43 +180,43 @@ class DMQConfig:
     recon_granularity: str = "block"
     #: execution | registration (official)
     unit_order: str = "execution"
-    iters_w: int = 20000
+    iters_w: int = default_of(AdaRoundOptions, "iters")
     #: batch of the LES and the weight pass
-    batch_size: int = 32
-    lr_w: float = knob(1e-3, gt=0)
-    round_reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
+    batch_size: int = default_of(AdaRoundOptions, "batch_size")
+    lr_w: float = default_of(AdaRoundOptions, "lr")
+    round_reg_weight: float = default_of(AdaRoundOptions, "reg_weight")
+    beta_start: float = default_of(AdaRoundOptions, "beta_start")
+    beta_end: float = default_of(AdaRoundOptions, "beta_end")
+    warmup: float = default_of(AdaRoundOptions, "warmup")
 
     # -- activations (§5.3)
     #: one activation table row per calibration step (False: one set shared by all steps)
-    per_step_acts: bool = True
-    act_init_n: int = 16
-    act_batch: int = 16
-    act_momentum: float = 0.95
+    per_step_acts: bool = default_of(StepTablesOptions, "per_step")
+    act_init_n: int = default_of(StepTablesOptions, "init_n")
+    act_batch: int = default_of(StepTablesOptions, "batch")
+    act_momentum: float = default_of(StepTablesOptions, "momentum")
 
     # -- PTS (§5.3)
     #: off | mse | vote
     pts: str = "vote"
-    pts_kappa: float = 0.85
-    pts_D: int = 3
-    #: name globs of the PTS layers; "skip_connection" = the default shortcut convs, "all" = every layer
-    pts_layers: list[str] = field(default_factory=lambda: list(DEFAULT_PTS_LAYERS))
+    pts_kappa: float = default_of(PTSOptions, "kappa")
+    pts_D: int = default_of(PTSOptions, "D")
+    #: the PTS layers (@roles or name globs); "skip_connection" = @shortcut, "all" = every layer
+    pts_layers: list[str] = default_of(PTSOptions, "layers")
     #: factors per calibration step (official) or one static vote over all steps
-    pts_per_step: bool = True
+    pts_per_step: bool = default_of(PTSOptions, "per_step")
 
     # -- export
     #: exporters fold τ into W and the activation quantizer (export.fold_input_scales); the
     #: calibrated model itself always keeps τ explicit
     fold_les: bool = True
 
-    # -- engine
-    seed: int = 0
-    cache_dtype: str = "float32"
-    cache_storage: str = "auto"
-    cache_memory_mb: float = 4096.0
-    eval_samples: int = 256
+    # -- engine (EngineSettings' defaults)
+    seed: int = default_of(EngineSettings, "seed")
+    cache_dtype: str = default_of(EngineSettings, "cache_dtype")
+    cache_storage: str = default_of(EngineSettings, "cache_storage")
+    cache_memory_mb: float = default_of(EngineSettings, "cache_memory_mb")
+    eval_samples: int = default_of(EngineSettings, "eval_samples")
     official: bool = False
 
     def __post_init__(self) -> None:
@@ -491,22 +530,6 @@ def _attach_scales(qmodel: QuantModel, ctx: StageContext) -> list[str]:
     return names
 
 
-@dataclass
-@checked
-class LESStageOptions:
-    scope: Literal["layer", "block"] = knob("layer", doc="layer: each layer's τ against its own output (the paper) | block: a unit's τ jointly")
-    iters: int = knob(6000, doc="Adam iterations per layer (block)")
-    lr: float = knob(1e-3, gt=0, doc="learning rate of τ")
-    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
-    time_weight: str = knob("focal", doc="adaptive timestep weighting: focal | linear | quadratic | uniform (§5.2)")
-    alpha: float = knob(20.0, doc="α of the timestep weighting")
-    momentum: float = knob(0.95, lt=1, doc="momentum of the per-step loss estimate")
-
-    def __post_init__(self) -> None:
-        if self.time_weight not in TIME_WEIGHTS:
-            raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
-
-
 @STAGES.register("les")
 class LES(Stage):
     """DMQ's learned equivalent scaling τ per input channel, with adaptive timestep weighting (§5.1, §5.2)."""
@@ -562,15 +585,6 @@ class SmoothQuant(Stage):
                                        progress=ctx.checkpoints)
 
 
-@dataclass
-@checked
-class StepTablesOptions:
-    per_step: bool = knob(True, doc="one activation table row per calibration step (false: one shared row)")
-    init_n: int = knob(16, ge=1, doc="random samples of a step for the minmax init")
-    batch: int = knob(16, ge=1, doc="batch of the ema_minmax stream over the step")
-    momentum: float = knob(0.95, lt=1, doc="momentum of that stream")
-
-
 @STAGES.register("step_tables")
 class StepTables(Stage):
     """DMQ's per-timestep activation tables: per step, minmax on a few samples then EMA over the step (§5.3)."""
@@ -594,19 +608,6 @@ class StepTables(Stage):
     def run(self, qmodel, ctx: StageContext) -> None:
         ctx.records += calibrate_activations(qmodel, ctx.data, ctx.buckets(), self.options, ctx.engine.seed,
                                              progress=ctx.checkpoints, bar=ctx.progress)
-
-
-@dataclass
-@checked
-class PTSOptions:
-    mode: Literal["mse", "vote"] = knob("vote", doc="per-channel power-of-two factor: vote (DMQ) | mse")
-    kappa: float = knob(0.85, le=1, doc="κ: vote threshold")
-    D: int = knob(3, doc="largest exponent: factors 2^-d, d ≤ D")
-    layers: list[str] = knob(list(DEFAULT_PTS_LAYERS), doc="name globs of the PTS layers; skip_connection | all")
-    per_step: bool = knob(True, doc="factors per calibration step (official) or one static vote")
-
-    def __post_init__(self) -> None:
-        self.layers = _globs("layers", self.layers, {"skip_connection": DEFAULT_PTS_LAYERS, "all": ["*"]})
 
 
 @STAGES.register("pts")

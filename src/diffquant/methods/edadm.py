@@ -35,9 +35,10 @@ from torch import nn
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
 from ..calib.tdac import TDACResult, feature_hooks, select_tdac
-from ..config import LayerRule, QuantConfig, checked, knob
+from ..config import LayerRule, QuantConfig, checked, default_of, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
+from ..quant.adaround import BetaSchedule
 from ..quant.affine import validate_bits
 from ..recipes import STAGES, EngineSettings, ForwardLoop, Recipe, Stage, StageContext, run_recipe
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
@@ -54,6 +55,33 @@ log = logging.getLogger("diffquant.methods")
 EIGHT_BIT_RULES = ("conv_in_out", "registration", "none")
 #: the seed evaluation sampling starts at (``diffquant sample``, the main job, bench)
 EVAL_SEED = 0
+
+
+# ---------------------------------------------------------------------- stage options
+@dataclass
+@checked
+class FBROptions:
+    joint: bool = knob(True, doc="one joint pass (true) or a weight pass then an activation-step pass")
+    iters: int = knob(5000, doc="iterations per unit")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    lr_w: float = knob(5e-1, gt=0, doc="learning rate of the rounding variables")
+    lr_a: float = knob(5e-4, gt=0, doc="learning rate of the activation steps")
+    p: float = knob(2.0, gt=0, doc="exponent of the block and layer losses")
+    add_loss: float = knob(0.8, doc="weight of the layer losses (0: plain block loss)")
+    qdrop_p: float = knob(0.5, le=1, doc="QDrop: probability of keeping Q(x) per element (1: off)")
+    input_mix: float = knob(0.5, le=1, doc="probability of x_in^q per element of the unit input (1: x_in^q only)")
+    round_reg_weight: float = knob(1e-4, doc="λ of the AdaRound rounding regulariser (0: off, the official code)")
+    beta_start: float = default_of(BetaSchedule, "start", doc="β at the end of the warm-up")
+    beta_end: float = default_of(BetaSchedule, "end", doc="β at the last iteration")
+    warmup: float = default_of(BetaSchedule, "warmup", lt=1, doc="fraction of iterations without the regulariser")
+    exclude: str = knob("executed", doc="layer left out of the layer losses: executed | registered (official)")
+    extra_forward: bool = knob(False, doc="ŷ_l from an extra hooked quantized forward (official: 3 forwards)")
+    granularity: Literal["block", "layer"] = knob("block", doc="reconstruction unit: block | layer")
+    unit_order: Literal["execution", "registration"] = knob("execution", doc="unit order")
+
+    def __post_init__(self) -> None:
+        if self.exclude not in FBR_EXCLUDES:
+            raise ConfigError(f"fbr_exclude must be one of {', '.join(FBR_EXCLUDES)}, got {self.exclude!r}")
 
 
 @dataclass
@@ -111,39 +139,39 @@ class EDADMConfig:
     #: execution | registration (official)
     unit_order: str = "execution"
     #: one joint pass (True) or a weight pass then an activation-step pass, both with the FBR loss
-    joint: bool = True
-    iters: int = 5000
-    batch_size: int = 32
-    lr_w: float = knob(5e-1, gt=0)
-    lr_a: float = knob(5e-4, gt=0)
+    joint: bool = default_of(FBROptions, "joint")
+    iters: int = default_of(FBROptions, "iters")
+    batch_size: int = default_of(FBROptions, "batch_size")
+    lr_w: float = default_of(FBROptions, "lr_w")
+    lr_a: float = default_of(FBROptions, "lr_a")
     #: exponent of the block and layer losses (L_rec^2)
-    p: float = knob(2.0, gt=0)
+    p: float = default_of(FBROptions, "p")
     #: weight of the layer losses (0 = plain block loss)
-    add_loss: float = 0.8
+    add_loss: float = default_of(FBROptions, "add_loss")
     #: QDrop: probability that an activation quantizer keeps Q(x) per element (1.0 = QDrop off)
-    qdrop_p: float = 0.5
+    qdrop_p: float = default_of(FBROptions, "qdrop_p")
     #: probability of taking x_in^q for each element of the unit input (1.0 = x_in^q only)
-    input_mix: float = 0.5
+    input_mix: float = default_of(FBROptions, "input_mix")
     #: the AdaRound rounding regulariser (official: off)
     round_reg: bool = True
-    round_reg_weight: float = 1e-4
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
+    round_reg_weight: float = default_of(FBROptions, "round_reg_weight")
+    beta_start: float = default_of(FBROptions, "beta_start")
+    beta_end: float = default_of(FBROptions, "beta_end")
+    warmup: float = default_of(FBROptions, "warmup")
     #: layer left out of the FBR layer losses: executed (last executed) | registered (official)
     fbr_exclude: str = "executed"
     #: take ŷ_l from an extra hooked quantized forward (official: 3 forwards per iteration)
     fbr_extra_forward: bool = False
 
-    # -- engine
-    seed: int = 0
+    # -- engine (EngineSettings' defaults)
+    seed: int = default_of(EngineSettings, "seed")
     #: float32 | float16 storage of the unit caches
-    cache_dtype: str = "float32"
+    cache_dtype: str = default_of(EngineSettings, "cache_dtype")
     #: auto | memory | disk
-    cache_storage: str = "auto"
-    cache_memory_mb: float = 4096.0
+    cache_storage: str = default_of(EngineSettings, "cache_storage")
+    cache_memory_mb: float = default_of(EngineSettings, "cache_memory_mb")
     #: cached samples on which each unit's initial/final loss is reported
-    eval_samples: int = 256
+    eval_samples: int = default_of(EngineSettings, "eval_samples")
     #: set by edadm_official
     official: bool = False
 
@@ -359,32 +387,6 @@ class RegistrationActQuirk(Stage):
 
     def prepare(self, qmodel, ctx: StageContext) -> None:
         raise_registration_act_quirk(qmodel)
-
-
-@dataclass
-@checked
-class FBROptions:
-    joint: bool = knob(True, doc="one joint pass (true) or a weight pass then an activation-step pass")
-    iters: int = knob(5000, doc="iterations per unit")
-    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
-    lr_w: float = knob(5e-1, gt=0, doc="learning rate of the rounding variables")
-    lr_a: float = knob(5e-4, gt=0, doc="learning rate of the activation steps")
-    p: float = knob(2.0, gt=0, doc="exponent of the block and layer losses")
-    add_loss: float = knob(0.8, doc="weight of the layer losses (0: plain block loss)")
-    qdrop_p: float = knob(0.5, le=1, doc="QDrop: probability of keeping Q(x) per element (1: off)")
-    input_mix: float = knob(0.5, le=1, doc="probability of x_in^q per element of the unit input (1: x_in^q only)")
-    round_reg_weight: float = knob(1e-4, doc="λ of the AdaRound rounding regulariser (0: off, the official code)")
-    beta_start: float = knob(20.0, doc="β at the end of the warm-up")
-    beta_end: float = knob(2.0, doc="β at the last iteration")
-    warmup: float = knob(0.2, lt=1, doc="fraction of iterations without the regulariser")
-    exclude: str = knob("executed", doc="layer left out of the layer losses: executed | registered (official)")
-    extra_forward: bool = knob(False, doc="ŷ_l from an extra hooked quantized forward (official: 3 forwards)")
-    granularity: Literal["block", "layer"] = knob("block", doc="reconstruction unit: block | layer")
-    unit_order: Literal["execution", "registration"] = knob("execution", doc="unit order")
-
-    def __post_init__(self) -> None:
-        if self.exclude not in FBR_EXCLUDES:
-            raise ConfigError(f"fbr_exclude must be one of {', '.join(FBR_EXCLUDES)}, got {self.exclude!r}")
 
 
 @STAGES.register("fbr")

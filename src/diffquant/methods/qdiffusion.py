@@ -29,7 +29,7 @@ from torch import nn
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import PICKS, CalibrationSet
-from ..config import QuantConfig, checked, knob
+from ..config import QuantConfig, checked, default_of, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
@@ -38,7 +38,8 @@ from ..recipes import EngineSettings, ForwardLoop, Recipe, StageContext, run_rec
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
 from ..recon.units import GRANULARITIES, UNIT_ORDERS
 from .stages import (
-    LSQ, ActInit, AdaRound, RoundToNearest, SingleStepSelection, UniformSelection, WindowSelection, Wrap, stream_ema,
+    LSQ, ActInit, AdaRound, AdaRoundOptions, LSQOptions, RoundToNearest, SingleStepSelection, UniformSelection,
+    WindowSelection, Wrap, stream_ema,
 )
 
 CALIB_POLICIES = ("uniform_interval", "first_n", "middle_n", "last_n", "single_t")
@@ -96,29 +97,30 @@ class QDiffusionConfig:
     recon_granularity: str = "block"
     #: execution | registration (official)
     unit_order: str = "execution"
-    iters_w: int = 20000
-    iters_a: int = 5000
-    batch_size: int = 32
-    lr_w: float = knob(1e-3, gt=0)
-    lr_a: float = knob(4e-4, gt=0)
-    p_w: float = knob(2.0, gt=0)
-    p_act: float = knob(2.4, gt=0)
-    round_reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
+    # (defaults: the adaround / lsq stages' own, written once there)
+    iters_w: int = default_of(AdaRoundOptions, "iters")
+    iters_a: int = default_of(LSQOptions, "iters")
+    batch_size: int = default_of(AdaRoundOptions, "batch_size")
+    lr_w: float = default_of(AdaRoundOptions, "lr")
+    lr_a: float = default_of(LSQOptions, "lr")
+    p_w: float = default_of(AdaRoundOptions, "p")
+    p_act: float = default_of(LSQOptions, "p")
+    round_reg_weight: float = default_of(AdaRoundOptions, "reg_weight")
+    beta_start: float = default_of(AdaRoundOptions, "beta_start")
+    beta_end: float = default_of(AdaRoundOptions, "beta_end")
+    warmup: float = default_of(AdaRoundOptions, "warmup")
     #: official quirk: only the first half of a split layer is regularised / softened (§3.4)
     split_reg_first_half_only: bool = False
 
-    # -- engine
-    seed: int = 0
+    # -- engine (EngineSettings' defaults)
+    seed: int = default_of(EngineSettings, "seed")
     #: float32 | float16 storage of the unit caches
-    cache_dtype: str = "float32"
+    cache_dtype: str = default_of(EngineSettings, "cache_dtype")
     #: auto | memory | disk
-    cache_storage: str = "auto"
-    cache_memory_mb: float = 4096.0
+    cache_storage: str = default_of(EngineSettings, "cache_storage")
+    cache_memory_mb: float = default_of(EngineSettings, "cache_memory_mb")
     #: cached samples on which each unit's initial/final loss is reported
-    eval_samples: int = 256
+    eval_samples: int = default_of(EngineSettings, "eval_samples")
     #: official-code compatibility checks (set by qdiffusion_official)
     official: bool = False
 

@@ -16,9 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.select import from_pairs, uniform, all_steps
-from ..config import LayerRule, checked, knob
+from ..config import LayerRule, checked, default_of, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
+from ..quant.adaround import BetaSchedule
 from ..quant.affine import validate_bits
 from ..quant.ranges import validate_init_options, validate_policy
 from ..recipes import STAGES, ForwardLoop, Stage, StageContext
@@ -322,9 +323,9 @@ class AdaRoundOptions:
     lr: float = knob(1e-3, gt=0, doc="Adam learning rate of the rounding variables V")
     p: float = knob(2.0, gt=0, doc="exponent of the reconstruction loss ‖·‖_p^p")
     reg_weight: float = knob(0.01, doc="λ of the rounding regulariser")
-    beta_start: float = knob(20.0, doc="β of the regulariser at the end of the warm-up")
-    beta_end: float = knob(2.0, doc="β at the last iteration")
-    warmup: float = knob(0.2, lt=1, doc="fraction of iterations without the regulariser")
+    beta_start: float = default_of(BetaSchedule, "start", doc="β of the regulariser at the end of the warm-up")
+    beta_end: float = default_of(BetaSchedule, "end", doc="β at the last iteration")
+    warmup: float = default_of(BetaSchedule, "warmup", lt=1, doc="fraction of iterations without the regulariser")
     first_half_only: bool = knob(False, doc="official quirk: only the first half of a split layer regularised (§3.4)")
     granularity: Granularity = knob("block", doc="reconstruction unit: block | layer")
     unit_order: UnitOrder = knob("execution", doc="unit order: execution | registration (official codes)")

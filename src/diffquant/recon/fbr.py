@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DiffquantError
+from ..quant.adaround import BetaSchedule
 from ..quant.qdrop import mix_inputs
 from .cache import UnitCache, first_tensor
 from .engine import ReconPass, UnitOptim
@@ -117,8 +118,8 @@ class FBRPass(ReconPass):
 
     def __init__(self, iters: int = 5000, batch_size: int = 32, lr_w: float = 5e-1, lr_a: float = 5e-4,
                  p: float = 2.0, add_loss: float = 0.8, qdrop_p: float = 0.5, input_mix: float = 0.5,
-                 round_reg_weight: float = 1e-4, beta_start: float = 20.0, beta_end: float = 2.0,
-                 warmup: float = 0.2, exclude: str = "executed", extra_forward: bool = False,
+                 round_reg_weight: float = 1e-4, beta_start: float = BetaSchedule.start,
+                 beta_end: float = BetaSchedule.end, warmup: float = BetaSchedule.warmup, exclude: str = "executed", extra_forward: bool = False,
                  learn_weights: bool = True, learn_acts: bool = True, quantize_acts: bool = True,
                  name: str | None = None):
         super().__init__(iters, batch_size, p)

@@ -31,8 +31,8 @@ class AdaRoundPass(ReconPass):
     quant_state = (True, False)
 
     def __init__(self, iters: int = 20000, batch_size: int = 32, lr: float = 1e-3, p: float = 2.0,
-                 reg_weight: float = 0.01, beta_start: float = 20.0, beta_end: float = 2.0,
-                 warmup: float = 0.2, first_half_only: bool = False):
+                 reg_weight: float = 0.01, beta_start: float = BetaSchedule.start, beta_end: float = BetaSchedule.end,
+                 warmup: float = BetaSchedule.warmup, first_half_only: bool = False):
         super().__init__(iters, batch_size, p)
         self.lr = float(lr)
         self.reg_weight = float(reg_weight)
