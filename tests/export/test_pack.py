@@ -164,6 +164,28 @@ def test_packed_file_reproduces_the_quantized_model_exactly(bits, calibrated_une
     assert not torch.equal(expected, _outputs(make_unet(), unet_inputs))
 
 
+def test_packed_and_plain_checkpoints_share_one_quantizer_restore(calibrated_unet, make_unet, tmp_path, monkeypatch):
+    """load() and load_packed() restore quantizer objects through model.checkpoint.restore_quantizers."""
+    from diffquant.model import checkpoint, load, save
+
+    _, qmodel = calibrated_unet(4, 8)
+    packed = save_packed(qmodel, tmp_path / "model.safetensors")
+    save(qmodel, tmp_path / "plain")
+    calls = []
+    original = checkpoint.restore_quantizers
+
+    def spy(qm, descriptions, where, variants=None):
+        calls.append((len(descriptions), variants))
+        return original(qm, descriptions, where, variants)
+
+    monkeypatch.setattr(checkpoint, "restore_quantizers", spy)
+    monkeypatch.setattr("diffquant.export.pack.restore_quantizers", spy)
+    load_packed(make_unet(), packed)
+    load(make_unet(), tmp_path / "plain")
+    n = len(qmodel.quantizers())
+    assert calls == [(n, ("PTSQuantizer",)), (n, None)]
+
+
 def test_mixed_bit_quantizers_pack_by_group_and_reload_exactly(calibrated_unet, make_unet, unet_inputs, tmp_path):
     """MPQ-DM's OMQ layers (2/3/4-bit channels around a nominal 3) pack one stream per group."""
     from diffquant.quant.variants import MixedBitQuantizer, replace_module

@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..config import QuantConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, DiffquantError
+from ..model.checkpoint import QUANTIZER_ATTRS, restore_quantizers
 from ..model.plan import WrapPlan
 from ..model.qmodel import QuantModel
 from ..model.wrap import build
-from ..quant.variants import rebuild_quantizer, replace_module
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .codes import ExportError, WeightCodes, grid_bounds, layer_weight_codes, weight_is_quantized
 
@@ -58,8 +58,6 @@ ADAROUND_BUFFERS = ("V", "hard_rounding", "hardened")
 PTS_BUFFERS = ("multiplier", "input_divisor")
 #: what rebuilds a quantizer variant (PTSQuantizer) before its tensors are loaded
 VARIANT_ATTRS = ("class", "pts_axis", "pts_channels")
-#: quantizer attributes stored in the manifest
-QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
 _STREAM = re.compile(r"s\d+")
 
 
@@ -407,20 +405,8 @@ def load_packed(model: nn.Module | None, path: str | Path, *, device=None) -> Qu
 @torch.no_grad()
 def _restore_quantizers(qmodel: QuantModel, packed: PackedModel, where: str) -> None:
     quant = packed.manifest["quantization"]
-    quantizers = qmodel.quantizers()
-    for name, attrs in quant["quantizers"].items():
-        q = quantizers.get(name)
-        if q is None:
-            raise CheckpointError(f"{where}: quantizer {name} does not exist in the rebuilt model")
-        if attrs.get("class") == "PTSQuantizer":
-            try:
-                q = rebuild_quantizer(attrs, q)
-            except (KeyError, DiffquantError) as exc:
-                raise CheckpointError(f"{where}: quantizer {name}: {_first_line(exc)}") from None
-            replace_module(qmodel.model, name, q)
-        for attr, value in attrs.items():
-            if attr in QUANTIZER_ATTRS:
-                setattr(q, attr, value)
+    # packed weights sit on the widest grid of a mixed-bit layer, so only PTS quantizers are rebuilt
+    restore_quantizers(qmodel, quant["quantizers"], where, variants=("PTSQuantizer",))
     layers = qmodel.layers()
     for name, flags in quant["layer_flags"].items():
         layers[name].use_weight_quant = bool(flags["use_weight_quant"])

@@ -21,7 +21,6 @@ from .._version import __version__
 from ..config import QuantConfig, from_dict, save_yaml, to_dict
 from ..errors import CheckpointError, DiffquantError
 from ..quant.affine import GRIDS
-from ..quant.quantizer import UniformQuantizer
 from .plan import WrapPlan
 from .qmodel import QuantModel
 from .wrap import build
@@ -32,7 +31,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "quant_state.safetensors"
 MANIFEST_FILE = "manifest.json"
 #: quantizer attributes that live in the manifest rather than in tensors
-_QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
+QUANTIZER_ATTRS = ("bits", "grid", "init", "include_zero", "clamp_zero_point", "momentum", "enabled")
 
 
 def _shapes(model: nn.Module | dict) -> dict[str, list[int]]:
@@ -298,20 +297,8 @@ def load(model: nn.Module, path: str | Path, *, device=None, inplace: bool = Fal
 def _apply_state(qmodel: QuantModel, manifest: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Restore quantizer attributes, layer switches, rounding modules and tensors (strict)."""
     from ..nn.layers import attach_adaround, attach_input_scale, attach_lora
-    from ..quant.variants import rebuild_quantizer, replace_module
 
-    quantizers = qmodel.quantizers()
-    for name, desc in manifest["quantizers"].items():
-        q = quantizers.get(name)
-        if q is None:
-            raise CheckpointError(f"checkpoint quantizer {name} does not exist in the rebuilt model")
-        try:
-            new = rebuild_quantizer(desc, q)
-        except (KeyError, DiffquantError) as exc:
-            raise CheckpointError(f"checkpoint quantizer {name}: {exc}") from None
-        if new is not q:
-            replace_module(qmodel.model, name, new)
-        _restore_quantizer(new, desc)
+    restore_quantizers(qmodel, manifest["quantizers"], str(path))
     layers = qmodel.layers()
     processors = qmodel.attention_processors()
     for section, known in (("layers", layers), ("attention", processors)):
@@ -360,9 +347,30 @@ def restore_into(qmodel: QuantModel, path: str | Path) -> QuantModel:
     return qmodel
 
 
-def _restore_quantizer(q: UniformQuantizer, desc: dict) -> None:
-    for attr in _QUANTIZER_ATTRS:
-        if attr in desc:
-            setattr(q, attr, desc[attr])
-    q.mode = "quantize"
-    q.qdrop_prob = 1.0
+def restore_quantizers(qmodel: QuantModel, descriptions: dict[str, dict], where: str,
+                       variants: tuple[str, ...] | None = None) -> None:
+    """The one restore of quantizer objects from their manifest descriptions, used by :func:`load`,
+    :func:`restore_into` and packed checkpoints: each named quantizer is rebuilt as the variant
+    class it was saved as (``variants``: only those classes; None: any) and gets its attributes
+    (:data:`QUANTIZER_ATTRS`), in inference mode. Its tensors are loaded by the caller."""
+    from ..quant.variants import rebuild_quantizer, replace_module
+
+    quantizers = qmodel.quantizers()
+    for name, desc in descriptions.items():
+        q = quantizers.get(name)
+        if q is None:
+            raise CheckpointError(f"{where}: quantizer {name} does not exist in the rebuilt model")
+        if variants is None or desc.get("class") in variants:
+            try:
+                new = rebuild_quantizer(desc, q)
+            except (KeyError, DiffquantError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{where}: quantizer {name}: {first}") from None
+            if new is not q:
+                replace_module(qmodel.model, name, new)
+                q = new
+        for attr in QUANTIZER_ATTRS:
+            if attr in desc:
+                setattr(q, attr, desc[attr])
+        q.mode = "quantize"
+        q.qdrop_prob = 1.0
