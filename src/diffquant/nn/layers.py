@@ -26,8 +26,74 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..quant.quantizer import UniformQuantizer
+from ..registry import Registry
 
-SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+class LayerKind:
+    """One quantizable float layer type: how its call is made from a (fake-quantized) weight, its
+    axes and the call arguments it keeps. Registered in :data:`LAYER_KINDS` under the type name."""
+
+    module_type: type[nn.Module]
+    #: the functional op, ``op(x, weight, bias, **op_args)``
+    op = staticmethod(F.linear)
+    #: weight axes of output / input channels, activation channel axis
+    out_axis, in_axis, act_axis = 0, 1, 1
+    #: the weight holds in_channels / groups input channels (convolutions; not the transposed one,
+    #: whose weight is [in, out / groups])
+    grouped = False
+
+    @staticmethod
+    def op_args(module: nn.Module) -> dict:
+        return {}
+
+
+class _Conv(LayerKind):
+    grouped = True
+
+    @staticmethod
+    def op_args(module: nn.Module) -> dict:
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            raise ConfigError(f"padding_mode={module.padding_mode!r} is not supported")
+        return dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+
+
+#: every float layer type diffquant quantizes, by type name
+LAYER_KINDS: Registry = Registry("layer kind")
+
+
+@LAYER_KINDS.register("Linear")
+class LinearKind(LayerKind):
+    module_type = nn.Linear
+    op = staticmethod(F.linear)
+    act_axis = -1
+
+
+@LAYER_KINDS.register("Conv1d")
+class Conv1dKind(_Conv):
+    module_type = nn.Conv1d
+    op = staticmethod(F.conv1d)
+
+
+@LAYER_KINDS.register("Conv2d")
+class Conv2dKind(_Conv):
+    module_type = nn.Conv2d
+    op = staticmethod(F.conv2d)
+
+
+@LAYER_KINDS.register("ConvTranspose2d")
+class ConvTranspose2dKind(_Conv):
+    module_type = nn.ConvTranspose2d
+    op = staticmethod(F.conv_transpose2d)
+    out_axis, in_axis = 1, 0
+    grouped = False
+
+    @staticmethod
+    def op_args(module: nn.Module) -> dict:
+        return {**_Conv.op_args(module), "output_padding": module.output_padding}
+
+
+#: the registered float layer types (isinstance checks everywhere)
+SUPPORTED = tuple(kind.module_type for _, kind in LAYER_KINDS.items())
 
 
 @dataclass
@@ -107,9 +173,10 @@ def _version(t: Tensor) -> int:
 
 
 def layer_kind(module: nn.Module) -> str:
-    for cls in SUPPORTED:
-        if type(module) is cls:
-            return cls.__name__
+    """The registered kind of ``module``'s exact type (a subclass is not assumed to compute the same)."""
+    for name, kind in LAYER_KINDS.items():
+        if type(module) is kind.module_type:
+            return name
     raise ConfigError(f"cannot quantize a {type(module).__name__}")
 
 
@@ -125,25 +192,16 @@ class QuantLayer(nn.Module):
     ):
         super().__init__()
         self.kind = layer_kind(module)
+        kind = LAYER_KINDS.get(self.kind)
+        self._op = kind.op
         self.weight = module.weight
         self.bias = module.bias
-        if self.kind == "Linear":
-            self.op_args: dict = {}
-        else:
-            self.op_args = dict(
-                stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups
-            )
-            if getattr(module, "padding_mode", "zeros") != "zeros":
-                raise ConfigError(f"padding_mode={module.padding_mode!r} is not supported")
-            if self.kind == "ConvTranspose2d":
-                self.op_args["output_padding"] = module.output_padding
-        transposed = self.kind == "ConvTranspose2d"
+        self.op_args: dict = kind.op_args(module)
         #: weight axis of output channels (per-channel quantization) and of input channels (split)
-        self.out_axis = 1 if transposed else 0
-        self.in_axis = 0 if transposed else 1
+        self.out_axis, self.in_axis = kind.out_axis, kind.in_axis
         #: activation axis along which a concatenated input is split
-        self.act_axis = -1 if self.kind == "Linear" else 1
-        in_channels = self.weight.shape[self.in_axis] * (1 if transposed else self.op_args.get("groups", 1))
+        self.act_axis = kind.act_axis
+        in_channels = self.weight.shape[self.in_axis] * (self.op_args.get("groups", 1) if kind.grouped else 1)
         if split is not None:
             if self.op_args.get("groups", 1) != 1:
                 raise ConfigError("split quantization needs groups=1")
@@ -268,13 +326,7 @@ class QuantLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.quantize_input(self.scale_input(x))
         w = self.effective_weight()
-        if self.kind == "Linear":
-            return F.linear(x, w, self.bias)
-        if self.kind == "Conv2d":
-            return F.conv2d(x, w, self.bias, **self.op_args)
-        if self.kind == "Conv1d":
-            return F.conv1d(x, w, self.bias, **self.op_args)
-        return F.conv_transpose2d(x, w, self.bias, **self.op_args)
+        return self._op(x, w, self.bias, **self.op_args)
 
     def clear_cache(self) -> None:
         self._cache = self._cache_key = None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 from .affine import GridSpec, broadcast_shape, qparams_from_range, round_ste
 from .quantizer import UniformQuantizer
 from .ranges import batch_range
@@ -175,18 +176,27 @@ QUANTIZER_CLASSES: dict[str, type[UniformQuantizer]] = {
 }
 
 
+#: quantizer classes a manifest may name, each with how it is rebuilt from the plain quantizer the
+#: wrap plan makes: ``build(like, desc)``
+QUANTIZER_VARIANTS: Registry = Registry("quantizer class")
+
+
+def _plain(like: UniformQuantizer, desc: dict) -> UniformQuantizer:
+    raise ConfigError("cannot turn a variant quantizer back into a plain one")
+
+
+QUANTIZER_VARIANTS.add("UniformQuantizer", _plain)
+QUANTIZER_VARIANTS.add("MixedBitQuantizer", lambda like, desc: MixedBitQuantizer.from_quantizer(like))
+QUANTIZER_VARIANTS.add("PTSQuantizer",
+                       lambda like, desc: PTSQuantizer.from_quantizer(like, desc["pts_axis"], desc["pts_channels"]))
+
+
 def rebuild_quantizer(desc: dict, like: UniformQuantizer) -> UniformQuantizer:
     """A quantizer of the class named in a manifest ``desc``, built from ``like`` (same shapes)."""
     cls_name = desc.get("class", "UniformQuantizer")
     if cls_name == type(like).__name__:
         return like
-    if cls_name == "MixedBitQuantizer":
-        return MixedBitQuantizer.from_quantizer(like)
-    if cls_name == "PTSQuantizer":
-        return PTSQuantizer.from_quantizer(like, desc["pts_axis"], desc["pts_channels"])
-    if cls_name == "UniformQuantizer":
-        raise ConfigError("cannot turn a variant quantizer back into a plain one")
-    raise ConfigError(f"unknown quantizer class {cls_name!r}")
+    return QUANTIZER_VARIANTS.get(cls_name)(like, desc)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
