@@ -541,9 +541,6 @@ class LES(Stage):
     uses_calib_set = True
     pass_names = ("les",)
 
-    def passes(self, qmodel) -> list[str]:
-        return ["les"]
-
     def prepare(self, qmodel, ctx: StageContext) -> None:
         _attach_scales(qmodel, ctx)
 
@@ -573,9 +570,6 @@ class SmoothQuant(Stage):
     uses_calib_set = True
     pass_names = (SMOOTHQUANT_PASS,)
 
-    def passes(self, qmodel) -> list[str]:
-        return [SMOOTHQUANT_PASS]
-
     def prepare(self, qmodel, ctx: StageContext) -> None:
         _attach_scales(qmodel, ctx)
 
@@ -599,9 +593,6 @@ class StepTables(Stage):
     def active(self, qmodel) -> bool:
         return acts_quantized(qmodel)
 
-    def passes(self, qmodel) -> list[str]:
-        return ["acts"]
-
     def prepare(self, qmodel, ctx: StageContext) -> None:
         use_activation_tables(qmodel, ctx.schedule() if self.options.per_step else None)
 
@@ -624,9 +615,6 @@ class PTS(Stage):
 
     def active(self, qmodel) -> bool:
         return acts_quantized(qmodel)
-
-    def passes(self, qmodel) -> list[str]:
-        return ["pts"]
 
     def prepare(self, qmodel, ctx: StageContext) -> None:
         names = pts_layer_names(qmodel, self.options.layers)

@@ -346,9 +346,6 @@ class AdaRound(Stage):
     def active(self, qmodel) -> bool:
         return qmodel.quant_config.quantize_weights
 
-    def passes(self, qmodel) -> list[str]:
-        return ["weights"]
-
     def run(self, qmodel, ctx: StageContext) -> None:
         o = self.options
         weight_pass = AdaRoundPass(iters=o.iters, batch_size=o.batch_size, lr=o.lr, p=o.p, reg_weight=o.reg_weight,
@@ -464,9 +461,6 @@ class LSQ(Stage):
 
     def active(self, qmodel) -> bool:
         return acts_quantized(qmodel)
-
-    def passes(self, qmodel) -> list[str]:
-        return ["acts"]
 
     def run(self, qmodel, ctx: StageContext) -> None:
         o = self.options

@@ -197,8 +197,9 @@ class Stage:
         raise NotImplementedError
 
     def passes(self, qmodel) -> list[str]:
-        """Names of the checkpointed passes this stage runs on ``qmodel`` (in order)."""
-        return []
+        """Names of the checkpointed passes this stage runs on ``qmodel`` (in order); by default
+        its ``pass_names`` (a stage whose passes depend on the model overrides this)."""
+        return list(self.pass_names)
 
     def prepare(self, qmodel, ctx: StageContext) -> None:
         """Structural changes to the wrapped model (before any checkpoint is restored)."""
