@@ -91,7 +91,7 @@ def tiny_stand_in(size: int = 16):
 
 
 def _bundle_of(name: str, unet, shape):
-    from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+    from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
     return DiffusionBundle(name=name, unet=unet.eval(), scheduler_config=linear_ddpm_config(), sample_shape=shape,
                            call_convention=CALL_DIFFUSERS, source="config-built")

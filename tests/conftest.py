@@ -127,7 +127,7 @@ def unet_inputs():
 @pytest.fixture(scope="module")
 def bundle(make_unet):
     """The tiny UNet as a class-conditional DiffusionBundle: classes 0, 1 and the null class 2."""
-    from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+    from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
     return DiffusionBundle("tiny", make_unet(), linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,
                            call_convention=CALL_DIFFUSERS)

@@ -15,6 +15,7 @@ A diffusers pipeline, drop-in::
 """
 from ._version import __version__  # noqa: F401 (public: diffquant.__version__)
 
+from .bundle import DiffusionBundle  # noqa: E402
 from .config import LayerRule, QuantConfig, load_yaml, save_yaml  # noqa: E402
 from .errors import CheckpointError, ConfigError, DiffquantError  # noqa: E402
 from .methods import (  # noqa: E402
@@ -32,7 +33,7 @@ from .recipes import STAGES, Recipe, Stage, StageContext, load_recipe, preset_na
 from diffusers import ModelMixin  # noqa: E402,F401
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Conditioning", "DMQConfig", "DiffquantError", "EDADMConfig",
+    "CheckpointError", "ConfigError", "Conditioning", "DMQConfig", "DiffusionBundle", "DiffquantError", "EDADMConfig",
     "EfficientDMConfig", "LayerRule", "MPQDMConfig", "NaiveConfig", "QDiffusionConfig",
     "PipelineCalibration", "QuantConfig", "QuantModel", "RECIPES", "apply_recipe", "capture_pipeline",
     "conditioned_call", "load", "load_pipeline", "load_yaml", "quantize", "read_prompts", "record_calls", "run_naive", "save",

@@ -368,24 +368,18 @@ def main_job(*, model: str, n: int, steps: int, settings: list[str], recipe: str
     return results
 
 
-#: the real data set each named model was trained on (reference for FID)
-REFERENCE_DATASETS = {"mnist-resunet": "mnist", "mnist-convunet": "mnist", "fmnist-unet": "fashion-mnist"}
-
-
 def reference_dataset(bundle) -> str | None:
-    return REFERENCE_DATASETS.get(bundle.name)
+    """The real data set the model was trained on (its model card, set by the zoo), for FID."""
+    return bundle.reference_dataset
 
 
 def bundled_classifier(bundle, device="cpu"):
-    """The shipped Fashion-MNIST classifier for the bundled model (None elsewhere)."""
-    from .paths import BUNDLED_DIR
-
-    folder = BUNDLED_DIR / "fmnist-classifier"
-    if reference_dataset(bundle) != "fashion-mnist" or not folder.is_dir():
+    """The classifier of the model's data that its model card names (None where there is none)."""
+    if bundle.classifier_dir is None:
         return None
     from .zoo.classifier import load_classifier
 
-    return load_classifier(folder, device=device)
+    return load_classifier(bundle.classifier_dir, device=device)
 
 
 def _quality(result, bundle, fid: bool, device, assets, ref_n: int = 1000) -> dict:

@@ -11,7 +11,7 @@ from diffquant.calib.cache import TrajectoryCache
 from diffquant.calib.capture import capture_module_io, capture_trajectories
 from diffquant.diffusion.sampling import sample, scheduler_timesteps
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 
 def tiny_bundle(num_class_embeds=None) -> DiffusionBundle:

@@ -26,7 +26,7 @@ from diffquant.calib.tdac import (
     uniform_allocation,
 )
 from diffquant.errors import ConfigError
-from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 
 def loop_reference(features: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ N, STEPS, BATCH = 5, 3, 2
 def tiny_bundle():
     from diffusers import UNet2DModel
 
-    from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+    from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

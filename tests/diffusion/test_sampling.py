@@ -9,7 +9,7 @@ from PIL import Image
 from diffquant.diffusion.grid import make_grid
 from diffquant.diffusion.sampling import SCHEDULERS, sample, save_samples, scheduler_timesteps
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
 
 def tiny_bundle(num_class_embeds=None, **config) -> DiffusionBundle:

@@ -104,7 +104,7 @@ def test_layers_left_in_float_by_rules_stay_fake_quant(calibrated_unet, unet_inp
 
 def test_sampling_with_the_int8_model(calibrated_unet):
     from diffquant.diffusion.sampling import sample
-    from diffquant.zoo.registry import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
+    from diffquant.bundle import CALL_DIFFUSERS, DiffusionBundle, linear_ddpm_config
 
     unet, qmodel = calibrated_unet(8, 8)
     bundle = DiffusionBundle("tiny", unet, linear_ddpm_config(), (3, 8, 8), num_classes=2, null_class=2,

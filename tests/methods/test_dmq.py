@@ -249,7 +249,7 @@ def test_pipeline_runs_the_recipe(bundle, tmp_path):
                           recipe_config=DMQConfig(**TINY), work_dir=tmp_path / "work")
     assert res.qmodel.recipe == "dmq" and res.qmodel.quant_config.split
     assert len(res.qmodel.timestep_index.timesteps) == 4  # all_steps: every sampler step
-    assert (tmp_path / "work" / "progress" / "progress.json").is_file()
+    assert (tmp_path / "work" / "progress" / "state.json").is_file()
 
 
 def test_smoothquant_alpha_options():

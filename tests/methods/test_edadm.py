@@ -227,4 +227,4 @@ def test_pipeline_captures_features_and_runs_the_recipe(bundle, tmp_path):
     assert res.qmodel.recipe == "edadm" and res.qmodel.quant_config.act_init == "edadm_grid"
     reports = list(tmp_path.glob("traj-*/tdac-*/tdac.json"))
     assert len(reports) == 1  # TDAC ran on a capture that recorded the feature hook
-    assert (tmp_path / "work" / "progress" / "progress.json").is_file()
+    assert (tmp_path / "work" / "progress" / "state.json").is_file()

@@ -216,6 +216,6 @@ def test_pipeline_runs_the_recipe_with_its_calibration_set(bundle, tmp_path):
     res = quantize_bundle(bundle, "qdiffusion", QuantConfig(weight_bits=4, act_bits=8), calib,
                           cache_dir=tmp_path, recipe_config=config, work_dir=tmp_path / "work")
     assert res.qmodel.recipe == "qdiffusion" and res.qmodel.quant_config.split
-    assert (tmp_path / "work" / "progress" / "progress.json").is_file()
+    assert (tmp_path / "work" / "progress" / "state.json").is_file()
     naive = quantize_bundle(bundle, "naive", QuantConfig(weight_bits=4, act_bits=8), calib, cache_dir=tmp_path)
     assert naive.qmodel.recipe == "naive" and not naive.qmodel.quant_config.split

@@ -247,7 +247,7 @@ def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_keeps_progress(tmp_
     monkeypatch.setattr(Path, "rename", real_rename)
     assert not (tmp_path / "progress").exists() and (tmp_path / "progress.old").is_dir()
     if not fresh_complete:  # killed while the new copy was still being written
-        (tmp_path / "progress.new" / "progress.json").unlink()
+        (tmp_path / "progress.new" / "state.json").unlink()
 
     resumed, _, _ = toy_qmodel(float_model, weight_bits=4, quantize_acts=False)
     again = ReconProgress(tmp_path, ["weights"], "fp")

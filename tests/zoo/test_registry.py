@@ -8,9 +8,8 @@ import torch
 
 from diffquant.errors import DiffquantError
 from diffquant.paths import assets_dir
-from diffquant.zoo.registry import (
-    CALL_DIFFUSERS, CALL_DIFFUSERS_CONDITION, DiffusionBundle, linear_ddpm_config, load_model,
-)
+from diffquant.bundle import CALL_DIFFUSERS, CALL_DIFFUSERS_CONDITION, DiffusionBundle, linear_ddpm_config
+from diffquant.zoo.registry import load_model
 
 
 def tiny_unet(num_class_embeds=None):
@@ -82,6 +81,15 @@ def test_condition_unet_gets_zero_context(tmp_path):
     assert eps.shape == (2, 1, 8, 8)
 
 
+def test_a_user_folder_carries_no_model_card_facts_it_does_not_have(tmp_path):
+    """A local folder names no training data set or classifier: FID and class accuracy then need
+    the user's reference, never a guess from the model's name."""
+    folder = tmp_path / "fmnist-unet"  # the bundled model's name, but not the bundled model
+    tiny_unet().save_pretrained(folder)
+    bundle = load_model(folder)
+    assert bundle.reference_dataset is None and bundle.classifier_dir is None
+
+
 def test_with_unet_swaps_only_the_denoiser(tmp_path):
     tiny_unet().save_pretrained(tmp_path)
     bundle = load_model(tmp_path)
@@ -138,6 +146,10 @@ def test_bundled_default_missing_or_loadable():
     if (folder / "config.json").is_file() or (folder / "model_index.json").is_file():
         bundle = load_model("default")
         assert bundle.name == "fmnist-unet"
+        # its model card: trained on Fashion-MNIST, with the shipped classifier of that data
+        assert bundle.reference_dataset == "fashion-mnist"
+        classifier = BUNDLED_DIR / "fmnist-classifier"
+        assert bundle.classifier_dir == (str(classifier) if classifier.is_dir() else None)
     else:
         with pytest.raises(DiffquantError, match="bundled default model is missing"):
             load_model("default")
@@ -150,6 +162,7 @@ def test_named_assets_load(name):
         pytest.skip(f"{name} absent")
     bundle = load_model(name)
     assert bundle.name == name and bundle.sample_shape == (1, 28, 28) and bundle.num_classes is None
+    assert bundle.reference_dataset == "mnist" and bundle.classifier_dir is None
     args, kwargs = bundle.example_inputs(batch=2)
     with torch.no_grad():
         assert bundle.predict_noise(bundle.unet, *args, **kwargs).shape == (2, 1, 28, 28)

@@ -30,7 +30,7 @@ from diffquant.errors import ConfigError, DiffquantError
 from diffquant.calib.select import check_finite_inputs
 from diffquant.calib.stop import run_stoppable, stop_forward
 from diffquant.paths import cache_dir as default_cache_root
-from diffquant.zoo.registry import DiffusionBundle
+from diffquant.bundle import DiffusionBundle
 from diffquant.jsonio import write_json
 
 CACHE_FORMAT = "trajectories-v1"

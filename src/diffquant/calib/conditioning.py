@@ -150,7 +150,7 @@ class Conditioning:
 def conditioned_call(model: nn.Module, x: Tensor, t: Tensor, labels: Any = None) -> Tensor:
     """``model(x, t, **conditioning)`` for a recorded call (or with ``class_labels=labels``), returning
     the prediction tensor — the ``call`` recipes use for calibration sets captured from a pipeline."""
-    from ..zoo.registry import denoiser_output_tensor
+    from ..bundle import denoiser_output_tensor
 
     if isinstance(labels, Conditioning):
         kwargs = labels.to(x.device).kwargs()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from diffquant.diffusion import distributed
 from diffquant.diffusion.grid import save_grid
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.zoo.registry import DiffusionBundle
+from diffquant.bundle import DiffusionBundle
 from diffquant.jsonio import write_json
 
 StepCallback = Callable[[int, int, Tensor, "Tensor | None"], None]

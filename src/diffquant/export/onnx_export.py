@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel, remove_wrapper_hooks
-from ..zoo.registry import denoiser_output_tensor
+from ..bundle import denoiser_output_tensor
 from .codes import ExportError
 from .prepare import ExportPreparation, prepare_for_export
 from .onnx_modules import MODES, OnnxAttnProcessor, OnnxQuantLayer

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
-from ..zoo.registry import denoiser_output_tensor
+from ..bundle import denoiser_output_tensor
 from .fold import fold_input_scales
 
 

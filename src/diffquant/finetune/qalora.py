@@ -14,42 +14,36 @@ Pieces, in the order a recipe uses them:
   K DDIM (η = 0) steps both models predict ε, the loss Σ(ε_q − ε_fp)² (+ TRD) is back-propagated
   and the optimiser and scheduler step; x advances with the **float** ε.
 
-Progress is checkpointed after Stage 1 and after every epoch (:class:`FinetuneCheckpoint`: the
-quantizer state through :mod:`diffquant.model.checkpoint`, the AdamW moments in safetensors and
-the schedule in JSON), so an interrupted run resumes at the next epoch and ends bit-identical to
+Progress is checkpointed after Stage 1 and after every epoch (:class:`FinetuneCheckpoint`, in the
+one checkpoint format of :mod:`diffquant.model.resume`: the quantizer state, the AdamW moments in
+safetensors and the schedule in JSON), so an interrupted run resumes at the next epoch and ends bit-identical to
 an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError
-from ..model.checkpoint import restore_into, save
 from ..model.qmodel import QuantModel
+from ..model.resume import ResumeCheckpoint
 from ..nn.layers import attach_lora
 from ..quant.quantizer import UniformQuantizer
 from ..quant.variants import MixedBitQuantizer, replace_module
 from .trd import FeatureHook, TRDWindow
 from ..config import checked, knob
-from ..fsutil import fresh_directory, recover_directory, replace_directory
-from ..jsonio import write_json
 
 LORA_LR_MODES = ("library", "code")
 #: step and zero point of the official code's unused group-quantizer entries (§6.2 step 5)
 PLACEHOLDER_STEP = 0.005
 CHECKPOINT_DIR = "finetune"
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-FORMAT = "diffquant-finetune-progress"
+CHECKPOINT_KIND = "finetune"
 
 
 @dataclass
@@ -189,47 +183,36 @@ def build_optimizer(qmodel: QuantModel, layers: list[str], options: FinetuneOpti
 
 # ---------------------------------------------------------------------- checkpoints
 class FinetuneCheckpoint:
-    """``<work_dir>/finetune/``: quantizer state, AdamW moments and schedule after an epoch."""
+    """``<work_dir>/finetune/``: quantizer state, AdamW moments and schedule after an epoch, in the
+    one checkpoint format (:class:`diffquant.model.resume.ResumeCheckpoint`)."""
 
     def __init__(self, work_dir: str | Path, fingerprint: str):
-        self.root = Path(work_dir) / CHECKPOINT_DIR
+        self.store = ResumeCheckpoint(Path(work_dir) / CHECKPOINT_DIR, CHECKPOINT_KIND, fingerprint)
+        self.root = self.store.root
         self.fingerprint = fingerprint
         #: JSON-able records written with every checkpoint (e.g. the Stage-1 records)
         self.extra: dict = {}
 
     def read_state(self) -> dict | None:
-        recover_directory(self.root, STATE_FILE)
-        file = self.root / STATE_FILE
-        if not file.is_file():
-            return None
-        try:
-            state = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{file} is corrupt ({exc.msg})") from None
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"{file} is not a diffquant fine-tuning progress file")
-        if state["fingerprint"] != self.fingerprint:
-            raise CheckpointError(f"{self.root.parent} holds fine-tuning progress of a run with other "
-                                  "settings; use a fresh work_dir")
-        self.extra = dict(state.get("extra", {}))
+        state = self.store.read({"epoch": int, "history": list, "extra": dict})
+        if state is not None:
+            self.extra = dict(state["extra"])
         return state
 
     def restore_model(self, qmodel: QuantModel) -> dict | None:
         state = self.read_state()
         if state is not None:
-            restore_into(qmodel, self.root / "model")
+            self.store.restore_model(qmodel)
         return state
 
-    @staticmethod
-    def restore_optimizer(state: dict, root: Path, optimizer: torch.optim.Optimizer, scheduler) -> None:
-        file = root / OPTIMIZER_FILE
+    def restore_optimizer(self, state: dict, optimizer: torch.optim.Optimizer, scheduler) -> None:
         if state.get("optimizer") is None:
             return
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        tensors = load_file(str(file))
+        tensors = self.store.tensors()
+        if len(tensors) != state["optimizer"].get("moments", len(tensors)):
+            raise CheckpointError(f"{self.root}: the optimizer moments are missing or incomplete")
         if len(state["optimizer"]["lrs"]) != len(optimizer.param_groups):
-            raise CheckpointError(f"{file}: saved optimizer has a different number of parameter groups")
+            raise CheckpointError(f"{self.root}: saved optimizer has a different number of parameter groups")
         for gi, group in enumerate(optimizer.param_groups):
             group["lr"] = state["optimizer"]["lrs"][gi]
             for pi, p in enumerate(group["params"]):
@@ -241,25 +224,19 @@ class FinetuneCheckpoint:
 
     def save(self, qmodel: QuantModel, epoch: int, history: list[dict], optimizer=None, scheduler=None,
              extra: dict | None = None) -> None:
-        tmp = fresh_directory(self.root, STATE_FILE)
-        save(qmodel, tmp / "model")
-        opt_state = None
+        opt_state, tensors = None, {}
         if optimizer is not None:
-            tensors = {}
             for gi, group in enumerate(optimizer.param_groups):
                 for pi, p in enumerate(group["params"]):
                     for key, value in optimizer.state.get(p, {}).items():
                         if isinstance(value, Tensor):
                             tensors[f"{gi}.{pi}.{key}"] = value.detach().cpu().contiguous().clone()
-            save_file(tensors, str(tmp / OPTIMIZER_FILE))
             sched = scheduler.state_dict()
             sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])  # plain functions: rebuilt, not saved
-            opt_state = {"lrs": [g["lr"] for g in optimizer.param_groups], "scheduler": sched}
+            opt_state = {"lrs": [g["lr"] for g in optimizer.param_groups], "scheduler": sched, "moments": len(tensors)}
         self.extra.update(extra or {})
-        state = {"format": FORMAT, "fingerprint": self.fingerprint, "epoch": epoch, "history": history,
-                 "optimizer": opt_state, "extra": self.extra}
-        write_json(tmp / STATE_FILE, state, indent=1, default=float)  # written last: the copy is complete
-        replace_directory(tmp, self.root)
+        self.store.write(qmodel, {"epoch": epoch, "history": history, "optimizer": opt_state, "extra": self.extra},
+                         tensors)
 
 
 # ---------------------------------------------------------------------- the loop

@@ -64,7 +64,8 @@ from ..quant.variants import PTSQuantizer, replace_module
 from ..recipes import STAGES, EngineSettings, ForwardLoop, Recipe, Stage, StageContext, run_recipe
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
 from ..recon.engine import UnitRecord
-from ..recon.les import LES_SCOPES, SMOOTHQUANT_PASS, LESOptions, les_layers, run_les, run_smoothquant
+from ..recon.les import LES_SCOPES, SMOOTHQUANT_PASS, LESOptions, LESSettings, les_layers, run_les, run_smoothquant
+from ..recon.passes import settings_of
 from ..recon.progress import ReconProgress
 from ..recon.state import quant_state
 from ..recon.time_weight import TIME_WEIGHTS
@@ -98,18 +99,8 @@ def _globs(name: str, value, named: dict[str, list[str]]) -> list[str]:
 # ---------------------------------------------------------------------- stage options
 @dataclass
 @checked
-class LESStageOptions:
-    scope: Literal["layer", "block"] = knob("layer", doc="layer: each layer's τ against its own output (the paper) | block: a unit's τ jointly")
-    iters: int = knob(6000, doc="Adam iterations per layer (block)")
-    lr: float = knob(1e-3, gt=0, doc="learning rate of τ")
-    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
-    time_weight: str = knob("focal", doc="adaptive timestep weighting: focal | linear | quadratic | uniform (§5.2)")
-    alpha: float = knob(20.0, doc="α of the timestep weighting")
-    momentum: float = knob(0.95, lt=1, doc="momentum of the per-step loss estimate")
-
-    def __post_init__(self) -> None:
-        if self.time_weight not in TIME_WEIGHTS:
-            raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
+class LESStageOptions(LESSettings):
+    """LES's knobs (:class:`~diffquant.recon.les.LESSettings`)."""
 
 
 @dataclass
@@ -546,9 +537,8 @@ class LES(Stage):
 
     def run(self, qmodel, ctx: StageContext) -> None:
         o = self.options
-        options = LESOptions(iters=o.iters, batch_size=o.batch_size, lr=o.lr, time_weight=o.time_weight, alpha=o.alpha,
-                             momentum=o.momentum, scope=o.scope, seed=ctx.engine.seed, device=ctx.device,
-                             eval_samples=ctx.engine.eval_samples, cache=ctx.cache_options(), progress=ctx.progress)
+        options = settings_of(LESOptions, o, dict(seed=ctx.engine.seed, device=ctx.device, progress=ctx.progress,
+                                                  eval_samples=ctx.engine.eval_samples, cache=ctx.cache_options()))
         ctx.records += run_les(qmodel, ctx.data, ctx.buckets(), len(ctx.schedule()), options,
                                layers=ctx.shared["les_layers"], fp_model=ctx.fp_model, progress=ctx.checkpoints)
 

@@ -38,15 +38,14 @@ from ..calib.tdac import TDACResult, feature_hooks, select_tdac
 from ..config import LayerRule, QuantConfig, checked, default_of, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
-from ..quant.adaround import BetaSchedule
 from ..quant.affine import validate_bits
 from ..recipes import STAGES, EngineSettings, ForwardLoop, Recipe, Stage, StageContext, run_recipe
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
 from ..recon.engine import reconstruct
-from ..recon.fbr import FBR_EXCLUDES, FBRPass
+from ..recon.fbr import FBR_EXCLUDES, FBRPass, FBRSettings
 from ..recon.units import GRANULARITIES, UNIT_ORDERS, make_units
 from .stages import (
-    RANGE_SEARCHES, ActInit, RoundToNearest, Wrap, acts_quantized, configure_range_search, fit_count,
+    RANGE_SEARCHES, ActInit, AdaRoundOptions, RoundToNearest, Wrap, acts_quantized, configure_range_search, fit_count,
 )
 
 log = logging.getLogger("diffquant.methods")
@@ -60,28 +59,26 @@ EVAL_SEED = 0
 # ---------------------------------------------------------------------- stage options
 @dataclass
 @checked
-class FBROptions:
-    joint: bool = knob(True, doc="one joint pass (true) or a weight pass then an activation-step pass")
-    iters: int = knob(5000, doc="iterations per unit")
-    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
-    lr_w: float = knob(5e-1, gt=0, doc="learning rate of the rounding variables")
-    lr_a: float = knob(5e-4, gt=0, doc="learning rate of the activation steps")
-    p: float = knob(2.0, gt=0, doc="exponent of the block and layer losses")
-    add_loss: float = knob(0.8, doc="weight of the layer losses (0: plain block loss)")
-    qdrop_p: float = knob(0.5, le=1, doc="QDrop: probability of keeping Q(x) per element (1: off)")
-    input_mix: float = knob(0.5, le=1, doc="probability of x_in^q per element of the unit input (1: x_in^q only)")
-    round_reg_weight: float = knob(1e-4, doc="λ of the AdaRound rounding regulariser (0: off, the official code)")
-    beta_start: float = default_of(BetaSchedule, "start", doc="β at the end of the warm-up")
-    beta_end: float = default_of(BetaSchedule, "end", doc="β at the last iteration")
-    warmup: float = default_of(BetaSchedule, "warmup", lt=1, doc="fraction of iterations without the regulariser")
-    exclude: str = knob("executed", doc="layer left out of the layer losses: executed | registered (official)")
-    extra_forward: bool = knob(False, doc="ŷ_l from an extra hooked quantized forward (official: 3 forwards)")
-    granularity: Literal["block", "layer"] = knob("block", doc="reconstruction unit: block | layer")
-    unit_order: Literal["execution", "registration"] = knob("execution", doc="unit order")
+class FBROptions(FBRSettings):
+    """The pass's knobs (:class:`~diffquant.recon.fbr.FBRSettings`), one or two passes, the units."""
 
-    def __post_init__(self) -> None:
-        if self.exclude not in FBR_EXCLUDES:
-            raise ConfigError(f"fbr_exclude must be one of {', '.join(FBR_EXCLUDES)}, got {self.exclude!r}")
+    joint: bool = knob(True, doc="one joint pass (true) or a weight pass then an activation-step pass")
+    granularity: Literal["block", "layer"] = default_of(AdaRoundOptions, "granularity")
+    unit_order: Literal["execution", "registration"] = default_of(AdaRoundOptions, "unit_order")
+
+
+@dataclass
+@checked
+class TDACOptions:
+    n: int = knob(1024, ge=1, doc="N: calibration samples = trajectories (one sample each)")
+    batch: int = knob(1024, ge=1, doc="B: trajectories whose features are compared")
+    lam: float = knob(1.2, doc="λ: weight of the diversity score (--lamda)")
+    radius: float = knob(3.0, doc="r: density radius on the feature MSE (dense_r; model-dependent scale)")
+    feature_layer: str = knob("auto", doc="feature hook: a module name, or auto (from the traced graph)")
+    report_dir: str | None = knob(None, doc="where tdac.json and the N_k plot go (null: beside the cache)")
+    seed: int = knob(0, doc="seed of the trajectory choice")
+    enabled: bool = knob(True, doc="density/diversity allocation; false: the same N spread evenly")
+    overlaps_eval: bool = knob(False, doc="capture with the evaluation seed, as the official code does")
 
 
 @dataclass
@@ -109,24 +106,24 @@ class EDADMConfig:
 
     # -- calibration data: TDAC (select_calibration)
     #: density/diversity allocation; False = uniform allocation of the same N
-    tdac: bool = True
+    tdac: bool = default_of(TDACOptions, "enabled")
     #: N: calibration samples = trajectories (each trajectory gives one sample)
-    tdac_n: int = 1024
+    tdac_n: int = default_of(TDACOptions, "n")
     #: B: trajectories whose features are compared
-    tdac_b: int = 1024
+    tdac_b: int = default_of(TDACOptions, "batch")
     #: λ: weight of the diversity score (``--lamda``)
-    tdac_lambda: float = 1.2
+    tdac_lambda: float = default_of(TDACOptions, "lam")
     #: r: density radius on the feature MSE (``dense_r``); its scale depends on the model's features
     #: (on mnist-resunet every step pair is within MSE 0.77, so r = 3 gives constant density and a warning)
-    tdac_radius: float = 3.0
+    tdac_radius: float = default_of(TDACOptions, "radius")
     #: feature hook: a module name, or auto (found from the traced graph: calib.tdac.default_feature_layer)
-    tdac_feature_layer: str = "auto"
+    tdac_feature_layer: str = default_of(TDACOptions, "feature_layer")
     #: where tdac.json and the N_k plot go (default: beside the trajectory cache)
-    tdac_report_dir: str | None = None
-    calib_seed: int = 0
+    tdac_report_dir: str | None = default_of(TDACOptions, "report_dir")
+    calib_seed: int = default_of(TDACOptions, "seed")
     #: capture calibration trajectories with the evaluation seed, i.e. the head of the evaluation
     #: list, as the official code does (default: disjoint)
-    calib_overlaps_eval: bool = False
+    calib_overlaps_eval: bool = default_of(TDACOptions, "overlaps_eval")
 
     # -- activation init
     #: samples streamed through the activation search (None: the whole set)
@@ -135,9 +132,9 @@ class EDADMConfig:
 
     # -- reconstruction
     #: block | layer
-    recon_granularity: str = "block"
+    recon_granularity: str = default_of(FBROptions, "granularity")
     #: execution | registration (official)
-    unit_order: str = "execution"
+    unit_order: str = default_of(FBROptions, "unit_order")
     #: one joint pass (True) or a weight pass then an activation-step pass, both with the FBR loss
     joint: bool = default_of(FBROptions, "joint")
     iters: int = default_of(FBROptions, "iters")
@@ -159,9 +156,9 @@ class EDADMConfig:
     beta_end: float = default_of(FBROptions, "beta_end")
     warmup: float = default_of(FBROptions, "warmup")
     #: layer left out of the FBR layer losses: executed (last executed) | registered (official)
-    fbr_exclude: str = "executed"
+    fbr_exclude: str = default_of(FBROptions, "exclude")
     #: take ŷ_l from an extra hooked quantized forward (official: 3 forwards per iteration)
-    fbr_extra_forward: bool = False
+    fbr_extra_forward: bool = default_of(FBROptions, "extra_forward")
 
     # -- engine (EngineSettings' defaults)
     seed: int = default_of(EngineSettings, "seed")
@@ -324,20 +321,6 @@ def fbr_passes(config: EDADMConfig, quantize_acts: bool) -> list[FBRPass]:
 
 
 # ---------------------------------------------------------------------- stages
-@dataclass
-@checked
-class TDACOptions:
-    n: int = knob(1024, ge=1, doc="N: calibration samples = trajectories (one sample each)")
-    batch: int = knob(1024, ge=1, doc="B: trajectories whose features are compared")
-    lam: float = knob(1.2, doc="λ: weight of the diversity score (--lamda)")
-    radius: float = knob(3.0, doc="r: density radius on the feature MSE (dense_r; model-dependent scale)")
-    feature_layer: str = knob("auto", doc="feature hook: a module name, or auto (from the traced graph)")
-    report_dir: str | None = knob(None, doc="where tdac.json and the N_k plot go (null: beside the cache)")
-    seed: int = knob(0, doc="seed of the trajectory choice")
-    enabled: bool = knob(True, doc="density/diversity allocation; false: the same N spread evenly")
-    overlaps_eval: bool = knob(False, doc="capture with the evaluation seed, as the official code does")
-
-
 @STAGES.register("select_tdac")
 class TDACSelection(Stage):
     """EDA-DM's TDAC: N trajectories, one sample each, at steps allocated by feature density and diversity (§4.1)."""
@@ -405,16 +388,10 @@ class FBR(Stage):
 
     def recon_passes(self, quantize_acts: bool) -> list[FBRPass]:
         o = self.options
-        common = dict(
-            iters=o.iters, batch_size=o.batch_size, lr_w=o.lr_w, lr_a=o.lr_a, p=o.p, add_loss=o.add_loss,
-            qdrop_p=o.qdrop_p, input_mix=o.input_mix, round_reg_weight=o.round_reg_weight,
-            beta_start=o.beta_start, beta_end=o.beta_end, warmup=o.warmup, exclude=o.exclude,
-            extra_forward=o.extra_forward, quantize_acts=quantize_acts,
-        )
         if o.joint or not quantize_acts:
-            return [FBRPass(**common)]
-        return [FBRPass(**common, learn_acts=False, name="fbr_weights"),
-                FBRPass(**common, learn_weights=False, name="fbr_acts")]
+            return [FBRPass(o, quantize_acts=quantize_acts)]
+        return [FBRPass(o, quantize_acts=quantize_acts, learn_acts=False, name="fbr_weights"),
+                FBRPass(o, quantize_acts=quantize_acts, learn_weights=False, name="fbr_acts")]
 
     def passes(self, qmodel) -> list[str]:
         return [p.name for p in self.recon_passes(acts_quantized(qmodel))]

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
-from ..config import QuantConfig, checked, knob
+from ..config import QuantConfig, checked, default_of, knob
 from ..errors import ConfigError
 from ..finetune.coverage import DEFAULT_EIGHT_BIT, DEFAULT_FP, coverage_of, coverage_rules
 from ..finetune.qalora import (
@@ -58,6 +58,55 @@ _FT = FinetuneOptions()
 
 @dataclass
 @checked
+class OMQOptions:
+    mixed: bool = knob(True, doc="OMQ: kurtosis split of the output channels into N−1 / N / N+1-bit groups (false: uniform N bits)")
+    criterion: str = knob("kurtosis", doc="channel ranking: kurtosis | random | head_tail")
+    candidates: str = knob("paper", doc="split sizes: paper (k = 0, g, 2g, … ≤ C/2) | code ({0, g})")
+    smooth: bool = knob(True, doc="SmoothQuant pre-scaling of the mixed layers")
+    smooth_alpha: float = knob(0.5, le=1, doc="α of that smoothing")
+    batch: int = knob(32, ge=1, doc="random calibration tuples in the one Stage-1 forward")
+    pick_seed: int = knob(0, doc="seed of that draw")
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"omq_criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.candidates not in CANDIDATE_MODES:
+            raise ConfigError(f"omq_candidates must be one of {', '.join(CANDIDATE_MODES)}, got {self.candidates!r}")
+
+
+@dataclass
+@checked
+class QALoRAOptions:
+    lora_rank: int = knob(32, doc="rank of the LoRA adapters on the mixed layers (0: none)")
+    epochs: int = knob(_FT.epochs, doc="E: epochs of data-free distillation (ImageNet: 800)")
+    steps: int | None = knob(None, ge=1, doc="K: DDIM steps of the fine-tuning (and sampling) schedule; null: the calibration schedule")
+    batch_size: int = knob(_FT.batch_size, ge=1, doc="trajectories per update")
+    guidance: float | None = knob(None, doc="CFG scale in the loop; null: the model's default")
+    lora_lr: str = knob(_FT.lora_lr, doc="LoRA lr base ā: library (channels' own steps) | code (with placeholders)")
+    lora_lr_divisor: float = knob(_FT.lora_lr_divisor, gt=0, doc="LoRA lr = ā / this")
+    weight_lr: float = knob(_FT.weight_lr, gt=0, doc="lr of the weight steps (and zero points)")
+    act_lr: float = knob(_FT.act_lr, gt=0, doc="lr of the TALSQ activation steps")
+    weight_decay: float = knob(_FT.weight_decay, doc="AdamW weight decay")
+    learn_weight_zero_point: bool = knob(_FT.learn_weight_zero_point, doc="learn the weight zero point (EfficientDM: step only)")
+    trd: bool = knob(_FT.trd, doc="TRD: time-smoothed relation distillation")
+    trd_grad: str = knob(_FT.trd_grad, doc="current | window | none (official: detached)")
+    trd_n: int = knob(_FT.trd_n, ge=1, doc="steps in the TRD window")
+    trd_tau: float = knob(_FT.trd_tau, gt=0, doc="temperature of the relation softmax")
+    trd_weight: float = knob(_FT.trd_weight, doc="weight of the TRD loss")
+    trd_loss: str = knob(_FT.trd_loss, doc="relation_kl | l2_feature")
+    trd_feature: str | None = knob(_FT.trd_feature, doc="module whose output TRD compares (null: the last block before the head)")
+
+    def __post_init__(self) -> None:
+        if self.trd_grad not in TRD_GRADS:
+            raise ConfigError(f"trd_grad must be one of {', '.join(TRD_GRADS)}, got {self.trd_grad!r}")
+        if self.trd_loss not in TRD_LOSSES:
+            raise ConfigError(f"trd_loss must be one of {', '.join(TRD_LOSSES)}, got {self.trd_loss!r}")
+        if self.lora_lr not in LORA_LR_MODES:
+            raise ConfigError(f"lora_lr must be one of {', '.join(LORA_LR_MODES)}, got {self.lora_lr!r}")
+
+
+@dataclass
+@checked
 class MPQDMConfig:
     """All knobs of MPQ-DM (docs/methods.md §6, ablation switches §8); defaults = the library's."""
 
@@ -73,47 +122,47 @@ class MPQDMConfig:
     #: trajectories per step in the pool (None: all captured)
     pool_n: int | None = None
     #: random pool tuples in the one Stage-1 forward
-    stage1_batch: int = 32
-    calib_seed: int = 0
+    stage1_batch: int = default_of(OMQOptions, "batch")
+    calib_seed: int = default_of(OMQOptions, "pick_seed")
     #: OMQ (kurtosis split into N−1 / N / N+1-bit channel groups)
-    omq: bool = True
+    omq: bool = default_of(OMQOptions, "mixed")
     #: kurtosis | random | head_tail
-    omq_criterion: str = "kurtosis"
+    omq_criterion: str = default_of(OMQOptions, "criterion")
     #: paper (k = 0, g, 2g, … ≤ C/2) | code ({0, g}); g = ⌊C_out/10⌋
-    omq_candidates: str = "paper"
+    omq_candidates: str = default_of(OMQOptions, "candidates")
     #: SmoothQuant pre-scaling of the mixed layers
-    smooth: bool = True
-    smooth_alpha: float = 0.5
+    smooth: bool = default_of(OMQOptions, "smooth")
+    smooth_alpha: float = default_of(OMQOptions, "smooth_alpha")
 
     # -- Stage 2: fine-tuning
-    lora_rank: int = 32
+    lora_rank: int = default_of(QALoRAOptions, "lora_rank")
     #: E (ImageNet: 800)
-    epochs: int = 800
+    epochs: int = default_of(QALoRAOptions, "epochs")
     #: K: DDIM steps of the fine-tuning (and sampling) schedule; None = the calibration schedule
-    steps: int | None = None
-    batch_size: int = 4
+    steps: int | None = default_of(QALoRAOptions, "steps")
+    batch_size: int = default_of(QALoRAOptions, "batch_size")
     #: CFG scale in the loop; None = the model's default (1 for unconditional models)
-    guidance: float | None = None
-    seed: int = 3407
+    guidance: float | None = default_of(QALoRAOptions, "guidance")
+    seed: int = default_of(FinetuneOptions, "seed")
     #: LoRA lr = ā / lora_lr_divisor; ā: library (channels' own steps) | code (with placeholders)
-    lora_lr: str = "library"
-    lora_lr_divisor: float = 2500.0
-    weight_lr: float = knob(1e-6, gt=0)
-    act_lr: float = knob(5e-4, gt=0)
-    weight_decay: float = 0.01
+    lora_lr: str = default_of(QALoRAOptions, "lora_lr")
+    lora_lr_divisor: float = default_of(QALoRAOptions, "lora_lr_divisor")
+    weight_lr: float = default_of(QALoRAOptions, "weight_lr")
+    act_lr: float = default_of(QALoRAOptions, "act_lr")
+    weight_decay: float = default_of(QALoRAOptions, "weight_decay")
     #: learn the weight zero point with the weight step (EfficientDM: step only)
-    learn_weight_zero_point: bool = True
+    learn_weight_zero_point: bool = default_of(QALoRAOptions, "learn_weight_zero_point")
     #: TRD (time-smoothed relation distillation)
-    trd: bool = True
+    trd: bool = default_of(QALoRAOptions, "trd")
     #: current | window | none (official: detached, no gradient)
-    trd_grad: str = "current"
-    trd_n: int = 2
-    trd_tau: float = 1.0
-    trd_weight: float = 100.0
+    trd_grad: str = default_of(QALoRAOptions, "trd_grad")
+    trd_n: int = default_of(QALoRAOptions, "trd_n")
+    trd_tau: float = default_of(QALoRAOptions, "trd_tau")
+    trd_weight: float = default_of(QALoRAOptions, "trd_weight")
     #: relation_kl | l2_feature
-    trd_loss: str = "relation_kl"
+    trd_loss: str = default_of(QALoRAOptions, "trd_loss")
     #: module whose output TRD compares (None: the last decoder block, finetune.trd)
-    trd_feature: str | None = None
+    trd_feature: str | None = default_of(QALoRAOptions, "trd_feature")
     #: EfficientDM alone: OMQ, smoothing and TRD off, weight zero point frozen
     efficientdm_only: bool = False
     #: set by mpqdm_official
@@ -254,24 +303,6 @@ def _keep_records(qmodel: QuantModel, ctx: StageContext) -> None:
 
 
 # ---------------------------------------------------------------------- stages
-@dataclass
-@checked
-class OMQOptions:
-    mixed: bool = knob(True, doc="OMQ: kurtosis split of the output channels into N−1 / N / N+1-bit groups (false: uniform N bits)")
-    criterion: str = knob("kurtosis", doc="channel ranking: kurtosis | random | head_tail")
-    candidates: str = knob("paper", doc="split sizes: paper (k = 0, g, 2g, … ≤ C/2) | code ({0, g})")
-    smooth: bool = knob(True, doc="SmoothQuant pre-scaling of the mixed layers")
-    smooth_alpha: float = knob(0.5, le=1, doc="α of that smoothing")
-    batch: int = knob(32, ge=1, doc="random calibration tuples in the one Stage-1 forward")
-    pick_seed: int = knob(0, doc="seed of that draw")
-
-    def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"omq_criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-        if self.candidates not in CANDIDATE_MODES:
-            raise ConfigError(f"omq_candidates must be one of {', '.join(CANDIDATE_MODES)}, got {self.candidates!r}")
-
-
 @STAGES.register("omq")
 class OMQ(Stage):
     """MPQ-DM Stage 1: smoothing, OMQ bit allocation and lp_shrink ranges of every quantizer from one forward (§6.1)."""
@@ -302,37 +333,6 @@ class OMQ(Stage):
 
     def finish(self, qmodel, ctx: StageContext) -> None:
         _keep_records(qmodel, ctx)
-
-
-@dataclass
-@checked
-class QALoRAOptions:
-    lora_rank: int = knob(32, doc="rank of the LoRA adapters on the mixed layers (0: none)")
-    epochs: int = knob(_FT.epochs, doc="E: epochs of data-free distillation (ImageNet: 800)")
-    steps: int | None = knob(None, ge=1, doc="K: DDIM steps of the fine-tuning (and sampling) schedule; null: the calibration schedule")
-    batch_size: int = knob(_FT.batch_size, ge=1, doc="trajectories per update")
-    guidance: float | None = knob(None, doc="CFG scale in the loop; null: the model's default")
-    lora_lr: str = knob(_FT.lora_lr, doc="LoRA lr base ā: library (channels' own steps) | code (with placeholders)")
-    lora_lr_divisor: float = knob(_FT.lora_lr_divisor, gt=0, doc="LoRA lr = ā / this")
-    weight_lr: float = knob(_FT.weight_lr, gt=0, doc="lr of the weight steps (and zero points)")
-    act_lr: float = knob(_FT.act_lr, gt=0, doc="lr of the TALSQ activation steps")
-    weight_decay: float = knob(_FT.weight_decay, doc="AdamW weight decay")
-    learn_weight_zero_point: bool = knob(_FT.learn_weight_zero_point, doc="learn the weight zero point (EfficientDM: step only)")
-    trd: bool = knob(_FT.trd, doc="TRD: time-smoothed relation distillation")
-    trd_grad: str = knob(_FT.trd_grad, doc="current | window | none (official: detached)")
-    trd_n: int = knob(_FT.trd_n, ge=1, doc="steps in the TRD window")
-    trd_tau: float = knob(_FT.trd_tau, gt=0, doc="temperature of the relation softmax")
-    trd_weight: float = knob(_FT.trd_weight, doc="weight of the TRD loss")
-    trd_loss: str = knob(_FT.trd_loss, doc="relation_kl | l2_feature")
-    trd_feature: str | None = knob(_FT.trd_feature, doc="module whose output TRD compares (null: the last block before the head)")
-
-    def __post_init__(self) -> None:
-        if self.trd_grad not in TRD_GRADS:
-            raise ConfigError(f"trd_grad must be one of {', '.join(TRD_GRADS)}, got {self.trd_grad!r}")
-        if self.trd_loss not in TRD_LOSSES:
-            raise ConfigError(f"trd_loss must be one of {', '.join(TRD_LOSSES)}, got {self.trd_loss!r}")
-        if self.lora_lr not in LORA_LR_MODES:
-            raise ConfigError(f"lora_lr must be one of {', '.join(LORA_LR_MODES)}, got {self.lora_lr!r}")
 
 
 @STAGES.register("qalora")
@@ -404,7 +404,7 @@ class QALoRA(Stage):
             set_trainable(qmodel, trained, options.learn_weight_zero_point)
             optimizer, scheduler, _ = build_optimizer(qmodel, trained, options)
             if state is not None:
-                FinetuneCheckpoint.restore_optimizer(state, checkpoint.root, optimizer, scheduler)
+                checkpoint.restore_optimizer(state, optimizer, scheduler)
             source = None
             if ctx.bundle is None:  # trajectories recorded from the user's pipeline or sampler
                 from ..calib.conditioning import conditioned_call
@@ -444,7 +444,7 @@ def run_mpqdm(
         forward_loop: used for Stage 1 only when no ``calib_set`` is given.
         call: ``call(model, x, t, labels)`` for Stage 1 (default: ``bundle.predict_noise``).
         fp_model: the float denoiser for distillation (default ``bundle.unet``).
-        bundle: the :class:`~diffquant.zoo.registry.DiffusionBundle` (scheduler, sample shape,
+        bundle: the :class:`~diffquant.bundle.DiffusionBundle` (scheduler, sample shape,
             classes) that the fine-tuning samples with; without it (``epochs > 0``) the fine-tuning
             follows the trajectories recorded in ``calib_set`` (e.g. from
             :func:`~diffquant.calib.pipeline_capture.capture_pipeline`) with ``fp_model``.

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..calib.cache import TrajectoryCache
 from ..calib.select import PICKS, CalibrationSet
-from ..config import QuantConfig, checked, default_of, knob
+from ..config import QuantConfig, checked, default_of
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.affine import validate_bits
@@ -38,8 +38,8 @@ from ..recipes import EngineSettings, ForwardLoop, Recipe, StageContext, run_rec
 from ..recon.cache import CacheOptions, CalibrationCalls, DenoiserCall
 from ..recon.units import GRANULARITIES, UNIT_ORDERS
 from .stages import (
-    LSQ, ActInit, AdaRound, AdaRoundOptions, LSQOptions, RoundToNearest, SingleStepSelection, UniformSelection,
-    WindowSelection, Wrap, stream_ema,
+    LSQ, ActInit, ActInitOptions, AdaRound, AdaRoundOptions, LSQOptions, RoundToNearest, SingleStepOptions,
+    SingleStepSelection, UniformSelection, UniformSelectionOptions, WindowSelection, Wrap, stream_ema,
 )
 
 CALIB_POLICIES = ("uniform_interval", "first_n", "middle_n", "last_n", "single_t")
@@ -63,7 +63,7 @@ class QDiffusionConfig:
     #: activation range init: minmax | lp_shrink
     a_init: str = "minmax"
     #: symmetric activation grid (``--a_sym``)
-    a_symmetric: bool = False
+    a_symmetric: bool = default_of(ActInitOptions, "symmetric")
     #: W-only (e.g. W4A32): no activation quantization, steps 3-4 skipped
     weight_only: bool = False
 
@@ -71,32 +71,32 @@ class QDiffusionConfig:
     #: uniform_interval | first_n | middle_n | last_n | single_t
     calib_policy: str = "uniform_interval"
     #: number of selected steps (single_t: ignored)
-    cali_st: int = 20
+    cali_st: int = default_of(UniformSelectionOptions, "cali_st")
     #: samples per selected step
-    cali_n: int = 256
+    cali_n: int = default_of(UniformSelectionOptions, "cali_n")
     #: first | random samples per step
-    pick: str = "first"
+    pick: str = default_of(UniformSelectionOptions, "pick")
     #: the step of ``single_t`` (negative: from the end, -1 = the last step)
-    single_step: int = knob(-1, ge=None)
-    calib_seed: int = 0
+    single_step: int = default_of(SingleStepOptions, "step")
+    calib_seed: int = default_of(UniformSelectionOptions, "seed")
 
     # -- activation init
     act_init_n: int = 64
     #: random | first samples for the init forward
     act_init_pick: str = "random"
     #: then stream the whole set under ema_minmax (``--running_stat``)
-    act_ema: bool = False
-    act_ema_momentum: float = 0.95
-    act_ema_batch: int = 64
+    act_ema: bool = default_of(ActInitOptions, "ema")
+    act_ema_momentum: float = default_of(ActInitOptions, "ema_momentum")
+    act_ema_batch: int = default_of(ActInitOptions, "ema_batch")
 
     # -- reconstruction
     weight_recon: bool = True
     #: the LSQ activation pass (False: keep the init ranges)
     act_recon: bool = True
     #: block | layer
-    recon_granularity: str = "block"
+    recon_granularity: str = default_of(AdaRoundOptions, "granularity")
     #: execution | registration (official)
-    unit_order: str = "execution"
+    unit_order: str = default_of(AdaRoundOptions, "unit_order")
     # (defaults: the adaround / lsq stages' own, written once there)
     iters_w: int = default_of(AdaRoundOptions, "iters")
     iters_a: int = default_of(LSQOptions, "iters")
@@ -110,7 +110,7 @@ class QDiffusionConfig:
     beta_end: float = default_of(AdaRoundOptions, "beta_end")
     warmup: float = default_of(AdaRoundOptions, "warmup")
     #: official quirk: only the first half of a split layer is regularised / softened (§3.4)
-    split_reg_first_half_only: bool = False
+    split_reg_first_half_only: bool = default_of(AdaRoundOptions, "first_half_only")
 
     # -- engine (EngineSettings' defaults)
     seed: int = default_of(EngineSettings, "seed")

@@ -19,13 +19,12 @@ from ..calib.select import from_pairs, uniform, all_steps
 from ..config import LayerRule, checked, default_of, knob
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
-from ..quant.adaround import BetaSchedule
 from ..quant.affine import validate_bits
 from ..quant.ranges import validate_init_options, validate_policy
 from ..recipes import STAGES, ForwardLoop, Stage, StageContext
 from ..recon.cache import CalibrationCalls
 from ..recon.engine import reconstruct
-from ..recon.passes import AdaRoundPass, LSQPass
+from ..recon.passes import AdaRoundPass, AdaRoundSettings, LSQPass, LSQSettings
 from ..recon.units import make_units
 
 Granularity = Literal["block", "layer"]
@@ -156,10 +155,10 @@ class UniformSelection(_Selection):
 @checked
 class WindowSelectionOptions:
     where: Literal["first", "middle", "last"] = knob("last", doc="which run of consecutive steps")
-    cali_st: int = knob(20, ge=1, doc="consecutive steps selected")
-    cali_n: int = knob(256, ge=1, doc="trajectories (samples) per selected step")
-    pick: Pick = knob("first", doc="first | random trajectories per step")
-    seed: int = knob(0, doc="seed of the random pick")
+    cali_st: int = default_of(UniformSelectionOptions, "cali_st", doc="consecutive steps selected")
+    cali_n: int = default_of(UniformSelectionOptions, "cali_n")
+    pick: Pick = default_of(UniformSelectionOptions, "pick")
+    seed: int = default_of(UniformSelectionOptions, "seed")
 
 
 @STAGES.register("select_window")
@@ -181,9 +180,9 @@ class WindowSelection(_Selection):
 @checked
 class SingleStepOptions:
     step: int = knob(-1, ge=None, doc="the step (negative: from the end; -1 = the last)")
-    cali_n: int = knob(256, ge=1, doc="trajectories (samples) at that step")
-    pick: Pick = knob("first", doc="first | random trajectories")
-    seed: int = knob(0, doc="seed of the random pick")
+    cali_n: int = default_of(UniformSelectionOptions, "cali_n", doc="trajectories (samples) at that step")
+    pick: Pick = default_of(UniformSelectionOptions, "pick", doc="first | random trajectories")
+    seed: int = default_of(UniformSelectionOptions, "seed")
 
 
 @STAGES.register("select_single_step")
@@ -317,16 +316,9 @@ class RoundToNearest(Stage):
 
 @dataclass
 @checked
-class AdaRoundOptions:
-    iters: int = knob(20000, doc="Adam iterations per unit")
-    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
-    lr: float = knob(1e-3, gt=0, doc="Adam learning rate of the rounding variables V")
-    p: float = knob(2.0, gt=0, doc="exponent of the reconstruction loss ‖·‖_p^p")
-    reg_weight: float = knob(0.01, doc="λ of the rounding regulariser")
-    beta_start: float = default_of(BetaSchedule, "start", doc="β of the regulariser at the end of the warm-up")
-    beta_end: float = default_of(BetaSchedule, "end", doc="β at the last iteration")
-    warmup: float = default_of(BetaSchedule, "warmup", lt=1, doc="fraction of iterations without the regulariser")
-    first_half_only: bool = knob(False, doc="official quirk: only the first half of a split layer regularised (§3.4)")
+class AdaRoundOptions(AdaRoundSettings):
+    """The pass's knobs (:class:`~diffquant.recon.passes.AdaRoundSettings`) and the units."""
+
     granularity: Granularity = knob("block", doc="reconstruction unit: block | layer")
     unit_order: UnitOrder = knob("execution", doc="unit order: execution | registration (official codes)")
 
@@ -348,9 +340,7 @@ class AdaRound(Stage):
 
     def run(self, qmodel, ctx: StageContext) -> None:
         o = self.options
-        weight_pass = AdaRoundPass(iters=o.iters, batch_size=o.batch_size, lr=o.lr, p=o.p, reg_weight=o.reg_weight,
-                                   beta_start=o.beta_start, beta_end=o.beta_end, warmup=o.warmup,
-                                   first_half_only=o.first_half_only)
+        weight_pass = AdaRoundPass(o)
         units = make_units(qmodel, o.granularity, o.unit_order)
         ctx.records += reconstruct(qmodel, units, ctx.data, weight_pass, fp_model=ctx.fp_model,
                                    options=ctx.engine_options(), progress=ctx.checkpoints)
@@ -438,13 +428,11 @@ class ActInit(Stage):
 
 @dataclass
 @checked
-class LSQOptions:
-    iters: int = knob(5000, doc="Adam iterations per unit")
-    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
-    lr: float = knob(4e-4, gt=0, doc="Adam learning rate of the activation steps (cosine annealed)")
-    p: float = knob(2.4, gt=0, doc="exponent of the reconstruction loss")
-    granularity: Granularity = knob("block", doc="reconstruction unit: block | layer")
-    unit_order: UnitOrder = knob("execution", doc="unit order: execution | registration (official codes)")
+class LSQOptions(LSQSettings):
+    """The pass's knobs (:class:`~diffquant.recon.passes.LSQSettings`) and the units."""
+
+    granularity: Granularity = default_of(AdaRoundOptions, "granularity")
+    unit_order: UnitOrder = default_of(AdaRoundOptions, "unit_order")
 
 
 @STAGES.register("lsq")
@@ -464,7 +452,7 @@ class LSQ(Stage):
 
     def run(self, qmodel, ctx: StageContext) -> None:
         o = self.options
-        act_pass = LSQPass(iters=o.iters, batch_size=o.batch_size, lr=o.lr, p=o.p)
+        act_pass = LSQPass(o)
         units = make_units(qmodel, o.granularity, o.unit_order)
         ctx.records += reconstruct(qmodel, units, ctx.data, act_pass, fp_model=ctx.fp_model,
                                    options=ctx.engine_options(), progress=ctx.checkpoints)

@@ -22,18 +22,20 @@ The unit's initial / final loss (records) is the block loss on x_in^q without QD
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ..config import checked, default_of, knob
 from ..errors import ConfigError, DiffquantError
 from ..quant.adaround import BetaSchedule
 from ..quant.qdrop import mix_inputs
 from .cache import UnitCache, first_tensor
 from .engine import ReconPass, UnitOptim
 from .loss import lp_loss
-from .passes import AdaRoundPass, LSQPass
+from .passes import AdaRoundPass, LSQPass, settings_of
 from .units import Unit
 
 #: which layer produces the block output: the last executed (library) or registered (official)
@@ -109,6 +111,31 @@ def record_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]
             h.remove()
 
 
+@dataclass
+@checked
+class FBRSettings:
+    """The knobs of :class:`FBRPass`."""
+
+    iters: int = knob(5000, doc="iterations per unit")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    lr_w: float = knob(5e-1, gt=0, doc="learning rate of the rounding variables")
+    lr_a: float = knob(5e-4, gt=0, doc="learning rate of the activation steps")
+    p: float = knob(2.0, gt=0, doc="exponent of the block and layer losses")
+    add_loss: float = knob(0.8, doc="weight of the layer losses (0: plain block loss)")
+    qdrop_p: float = knob(0.5, le=1, doc="QDrop: probability of keeping Q(x) per element (1: off)")
+    input_mix: float = knob(0.5, le=1, doc="probability of x_in^q per element of the unit input (1: x_in^q only)")
+    round_reg_weight: float = knob(1e-4, doc="λ of the AdaRound rounding regulariser (0: off, the official code)")
+    beta_start: float = default_of(BetaSchedule, "start", doc="β at the end of the warm-up")
+    beta_end: float = default_of(BetaSchedule, "end", doc="β at the last iteration")
+    warmup: float = default_of(BetaSchedule, "warmup", lt=1, doc="fraction of iterations without the regulariser")
+    exclude: str = knob("executed", doc="layer left out of the layer losses: executed | registered (official)")
+    extra_forward: bool = knob(False, doc="ŷ_l from an extra hooked quantized forward (official: 3 forwards)")
+
+    def __post_init__(self) -> None:
+        if self.exclude not in FBR_EXCLUDES:
+            raise ConfigError(f"fbr_exclude must be one of {', '.join(FBR_EXCLUDES)}, got {self.exclude!r}")
+
+
 class FBRPass(ReconPass):
     """EDA-DM's joint AdaRound + LSQ pass with the FBR loss (see the module docstring)."""
 
@@ -116,20 +143,12 @@ class FBRPass(ReconPass):
     inputs = "both"
     quant_state = (True, True)
 
-    def __init__(self, iters: int = 5000, batch_size: int = 32, lr_w: float = 5e-1, lr_a: float = 5e-4,
-                 p: float = 2.0, add_loss: float = 0.8, qdrop_p: float = 0.5, input_mix: float = 0.5,
-                 round_reg_weight: float = 1e-4, beta_start: float = BetaSchedule.start,
-                 beta_end: float = BetaSchedule.end, warmup: float = BetaSchedule.warmup, exclude: str = "executed", extra_forward: bool = False,
-                 learn_weights: bool = True, learn_acts: bool = True, quantize_acts: bool = True,
-                 name: str | None = None):
-        super().__init__(iters, batch_size, p)
-        for what, value in (("qdrop_p", qdrop_p), ("input_mix", input_mix)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{what} must be a probability in [0, 1], got {value}")
-        if add_loss < 0:
-            raise ConfigError(f"add_loss must be >= 0, got {add_loss}")
-        if exclude not in FBR_EXCLUDES:
-            raise ConfigError(f"fbr_exclude must be one of {FBR_EXCLUDES}, got {exclude!r}")
+    def __init__(self, settings: FBRSettings | None = None, /, *, learn_weights: bool = True,
+                 learn_acts: bool = True, quantize_acts: bool = True, name: str | None = None, **overrides):
+        self.settings = s = settings_of(FBRSettings, settings, overrides)
+        super().__init__(s.iters, s.batch_size, s.p)
+        add_loss, qdrop_p, input_mix, exclude = s.add_loss, s.qdrop_p, s.input_mix, s.exclude
+        extra_forward = s.extra_forward
         if not (learn_weights or learn_acts):
             raise ConfigError("an FBR pass must learn weights, activation steps or both")
         if name is not None:
@@ -143,9 +162,10 @@ class FBRPass(ReconPass):
         self.learn_acts = bool(learn_acts) and bool(quantize_acts)
         self.quantize_acts = bool(quantize_acts)
         self.quant_state = (True, self.quantize_acts)
-        self._weights = AdaRoundPass(self.iters, batch_size, lr_w, p, reg_weight=round_reg_weight,
-                                     beta_start=beta_start, beta_end=beta_end, warmup=warmup)
-        self._acts = LSQPass(self.iters, batch_size, lr_a, p, cosine=True)
+        self._weights = AdaRoundPass(iters=s.iters, batch_size=s.batch_size, lr=s.lr_w, p=s.p,
+                                     reg_weight=s.round_reg_weight, beta_start=s.beta_start, beta_end=s.beta_end,
+                                     warmup=s.warmup)
+        self._acts = LSQPass(iters=s.iters, batch_size=s.batch_size, lr=s.lr_a, p=s.p, cosine=True)
         self._layers: dict[str, nn.Module] = {}
         self._regularize = False
 

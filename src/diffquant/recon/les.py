@@ -241,18 +241,29 @@ def capture_layer_io(model: nn.Module, names: list[str], data: CalibrationCalls,
 # ---------------------------------------------------------------------- training
 @dataclass
 @checked
-class LESOptions:
-    """Hyperparameters of the LES pass (docs/methods.md §5.1, §5.2)."""
+class LESSettings:
+    """The knobs of LES (docs/methods.md §5.1, §5.2), with their one default."""
 
-    iters: int = 6000
-    batch_size: int = 32
-    lr: float = knob(1e-3, gt=0)
-    #: focal | linear | quadratic | uniform
-    time_weight: str = "focal"
-    alpha: float = 20.0
-    momentum: float = 0.95
-    #: layer (each layer's τ against its own output) | block (a unit's τ jointly against its output)
-    scope: str = "layer"
+    scope: str = knob("layer", doc="layer: each layer's τ against its own output (the paper) | block: a unit's τ jointly")
+    iters: int = knob(6000, doc="Adam iterations per layer (block)")
+    lr: float = knob(1e-3, gt=0, doc="learning rate of τ")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    time_weight: str = knob("focal", doc="adaptive timestep weighting: focal | linear | quadratic | uniform (§5.2)")
+    alpha: float = knob(20.0, doc="α of the timestep weighting")
+    momentum: float = knob(0.95, lt=1, doc="momentum of the per-step loss estimate")
+
+    def __post_init__(self) -> None:
+        if self.time_weight not in TIME_WEIGHTS:
+            raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
+        if self.scope not in LES_SCOPES:
+            raise ConfigError(f"LES scope must be one of {', '.join(LES_SCOPES)}, got {self.scope!r}")
+
+
+@dataclass
+@checked
+class LESOptions(LESSettings):
+    """The LES pass: its knobs (:class:`LESSettings`) and how the engine runs it."""
+
     #: keep the starting τ when the learned one scores worse on the evaluation samples (off: the
     #: paper's LES, which keeps whatever the last step gives)
     revert_if_worse: bool = False
@@ -263,17 +274,6 @@ class LESOptions:
     cache: CacheOptions = field(default_factory=CacheOptions)
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        if self.iters < 0:
-            raise ConfigError(f"LES iterations must be >= 0, got {self.iters}")
-        if self.batch_size < 1:
-            raise ConfigError(f"LES batch size must be >= 1, got {self.batch_size}")
-        if self.lr < 0:
-            raise ConfigError(f"LES learning rate must be >= 0, got {self.lr}")
-        if self.time_weight not in TIME_WEIGHTS:
-            raise ConfigError(f"time_weight must be one of {', '.join(TIME_WEIGHTS)}, got {self.time_weight!r}")
-        if self.scope not in LES_SCOPES:
-            raise ConfigError(f"LES scope must be one of {', '.join(LES_SCOPES)}, got {self.scope!r}")
 
 
 @torch.no_grad()

@@ -1,15 +1,58 @@
-"""Reusable reconstruction passes: AdaRound weights (§1.3) and LSQ activation steps (§1.4)."""
+"""Reusable reconstruction passes: AdaRound weights (§1.3) and LSQ activation steps (§1.4).
+
+Each pass's knobs and their one default live in its settings block (:class:`AdaRoundSettings`,
+:class:`LSQSettings`); the recipe stages' option blocks extend those blocks instead of restating
+them, and a pass built with keyword arguments takes the rest from the same block.
+"""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..config import checked, default_of, knob
 from ..nn.layers import QuantLayer, attach_adaround
 from ..quant.adaround import AdaRound, BetaSchedule
 from ..quant.affine import MIN_STEP
 from .engine import ReconPass, UnitOptim
 from .loss import rounding_regularizer
 from .units import Unit
+
+
+@dataclass
+@checked
+class AdaRoundSettings:
+    """The knobs of :class:`AdaRoundPass`."""
+
+    iters: int = knob(20000, doc="Adam iterations per unit")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    lr: float = knob(1e-3, gt=0, doc="Adam learning rate of the rounding variables V")
+    p: float = knob(2.0, gt=0, doc="exponent of the reconstruction loss ‖·‖_p^p")
+    reg_weight: float = knob(0.01, doc="λ of the rounding regulariser")
+    beta_start: float = default_of(BetaSchedule, "start", doc="β of the regulariser at the end of the warm-up")
+    beta_end: float = default_of(BetaSchedule, "end", doc="β at the last iteration")
+    warmup: float = default_of(BetaSchedule, "warmup", lt=1, doc="fraction of iterations without the regulariser")
+    first_half_only: bool = knob(False, doc="official quirk: only the first half of a split layer regularised (§3.4)")
+
+
+@dataclass
+@checked
+class LSQSettings:
+    """The knobs of :class:`LSQPass`."""
+
+    iters: int = knob(5000, doc="Adam iterations per unit")
+    batch_size: int = knob(32, ge=1, doc="cached samples per iteration")
+    lr: float = knob(4e-4, gt=0, doc="Adam learning rate of the activation steps (cosine annealed)")
+    p: float = knob(2.4, gt=0, doc="exponent of the reconstruction loss")
+
+
+def settings_of(cls: type, given, overrides: dict):
+    """A validated ``cls`` from the fields of ``given`` that ``cls`` has (an options block that
+    extends or shares them; None: the defaults), with ``overrides`` applied."""
+    base = {f.name: getattr(given, f.name) for f in dataclasses.fields(cls) if hasattr(given, f.name)}
+    return cls(**{**base, **overrides})
 
 
 class AdaRoundPass(ReconPass):
@@ -30,16 +73,15 @@ class AdaRoundPass(ReconPass):
     inputs = "q"
     quant_state = (True, False)
 
-    def __init__(self, iters: int = 20000, batch_size: int = 32, lr: float = 1e-3, p: float = 2.0,
-                 reg_weight: float = 0.01, beta_start: float = BetaSchedule.start, beta_end: float = BetaSchedule.end,
-                 warmup: float = BetaSchedule.warmup, first_half_only: bool = False):
-        super().__init__(iters, batch_size, p)
-        self.lr = float(lr)
-        self.reg_weight = float(reg_weight)
-        self.beta_start = float(beta_start)
-        self.beta_end = float(beta_end)
-        self.warmup = float(warmup)
-        self.first_half_only = bool(first_half_only)
+    def __init__(self, settings: AdaRoundSettings | None = None, /, **overrides):
+        self.settings = s = settings_of(AdaRoundSettings, settings, overrides)
+        super().__init__(s.iters, s.batch_size, s.p)
+        self.lr = s.lr
+        self.reg_weight = s.reg_weight
+        self.beta_start = s.beta_start
+        self.beta_end = s.beta_end
+        self.warmup = s.warmup
+        self.first_half_only = s.first_half_only
         self._schedule = BetaSchedule(max(self.iters, 1), self.warmup, self.beta_start, self.beta_end)
         self._regularized: list[AdaRound] = []
 
@@ -107,11 +149,12 @@ class LSQPass(ReconPass):
     name = "acts"
     quant_state = (True, True)
 
-    def __init__(self, iters: int = 5000, batch_size: int = 32, lr: float = 4e-4, p: float = 2.4,
-                 cosine: bool = True, inputs: str = "fp"):
+    def __init__(self, settings: LSQSettings | None = None, /, *, cosine: bool = True, inputs: str = "fp",
+                 **overrides):
         self.inputs = inputs
-        super().__init__(iters, batch_size, p)
-        self.lr = float(lr)
+        self.settings = s = settings_of(LSQSettings, settings, overrides)
+        super().__init__(s.iters, s.batch_size, s.p)
+        self.lr = s.lr
         self.cosine = bool(cosine)
         self._steps: list[torch.nn.Parameter] = []
 
