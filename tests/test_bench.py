@@ -27,7 +27,7 @@ def test_bench_matrix_writes_table_curves_and_plots(tmp_path, tiny_folder, monke
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     cfg = BenchConfig(model=str(tiny_folder), recipes=["naive"], settings=["W8A8", "W4A8"], n=4, steps=3,
                       batch_size=4, metrics=[], eps_n=2, calib=CalibConfig(n=4, steps=3, every=1, batch_size=4),
-                      out=str(tmp_path / "bench"))
+                      out=str(tmp_path / "bench"), noise_floor=False)
     results = run_bench(cfg)
     out = tmp_path / "bench"
     saved = json.loads((out / "results.json").read_text())
@@ -86,7 +86,7 @@ def test_bench_rows_are_labelled_by_recipe_spec(tmp_path, tiny_folder, monkeypat
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     cfg = BenchConfig(model=str(tiny_folder), recipes=["naive", "naive:a_init=ema_minmax"], settings=["W4A8"], n=2,
                       steps=2, batch_size=2, metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
-                      out=str(tmp_path / "bench"))
+                      out=str(tmp_path / "bench"), noise_floor=False)
     rows = run_bench(cfg)["rows"]
     assert [r["recipe"] for r in rows] == ["fp32", "naive", "naive:a_init=ema_minmax"]
     assert rows[1]["eps_mse"] != rows[2]["eps_mse"]  # the override reached the recipe
@@ -96,7 +96,7 @@ def test_extra_rows_follow_the_matrix_at_their_own_settings(tmp_path, tiny_folde
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     cfg = BenchConfig(model=str(tiny_folder), recipes=["naive"], settings=["W8A8"], n=2, steps=2, batch_size=2,
                       metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
-                      rows=[["w4a32", "naive:a_init=ema_minmax"]], out=str(tmp_path / "bench"))
+                      rows=[["w4a32", "naive:a_init=ema_minmax"]], out=str(tmp_path / "bench"), noise_floor=False)
     rows = run_bench(cfg)["rows"]
     assert [(r["recipe"], r["setting"]) for r in rows] == [
         ("fp32", "W32A32"), ("naive", "W8A8"), ("naive:a_init=ema_minmax", "W4A32")]
@@ -129,7 +129,7 @@ def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeyp
     _interrupt_second_calibration(monkeypatch)
     cfg = BenchConfig(model=str(tiny_folder), recipes=["naive"], settings=["W8A8", "W4A8"], n=2, steps=2,
                       batch_size=2, metrics=[], eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2),
-                      out=str(tmp_path / "bench"))
+                      out=str(tmp_path / "bench"), noise_floor=False)
     with pytest.raises(KeyboardInterrupt):
         run_bench(cfg)
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
@@ -139,7 +139,7 @@ def test_finished_rows_survive_an_interrupted_run(tmp_path, tiny_folder, monkeyp
 
 def _tiny_cfg(tiny_folder, out, settings, **kw):
     base = dict(model=str(tiny_folder), recipes=["naive"], settings=settings, n=2, steps=2, batch_size=2, metrics=[],
-                eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2), out=str(out))
+                eps_n=1, calib=CalibConfig(n=2, steps=2, every=1, batch_size=2), out=str(out), noise_floor=False)
     return BenchConfig(**{**base, **kw})
 
 
@@ -191,3 +191,43 @@ def test_resume_refuses_a_run_with_another_protocol(tmp_path, tiny_folder, monke
     (tmp_path / "bench" / "samples" / "fp32" / "samples.npz").unlink()
     with pytest.raises(ConfigError, match="float row"):
         run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W8A8"], resume=True))
+
+
+def test_calibration_seeds_give_their_own_rows_and_a_mean_with_its_spread(tmp_path, tiny_folder, monkeypatch):
+    """Two calibration seeds: two different calibrations (disjoint trajectories), the row's metrics
+    are their mean with the right standard deviation and interval, and the sampling-noise floor row
+    is the float model from disjoint seeds."""
+    import numpy as np
+
+    import diffquant.bench as bench_module
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    real, offsets = bench_module.quantize_bundle, []
+    monkeypatch.setattr(bench_module, "quantize_bundle",
+                        lambda *a, **k: offsets.append(k["seed_offset"]) or real(*a, **k))
+    results = run_bench(_tiny_cfg(tiny_folder, tmp_path / "bench", ["W4A8"], calib_seeds=2, noise_floor=True, n=4,
+                                  batch_size=4))
+    assert offsets == [0, 1]
+    fp, floor, row = results["rows"]
+    assert (fp["recipe"], floor["recipe"]) == ("fp32", bench_module.NOISE_FLOOR_ROW)
+    first, second = row["per_seed"]
+    assert first["eps_mse"] != second["eps_mse"]  # another calibration set, another model
+    values = [first["eps_mse"], second["eps_mse"]]
+    assert row["eps_mse"] == pytest.approx(np.mean(values))
+    assert row["eps_mse_std"] == pytest.approx(np.std(values, ddof=1))
+    lo, hi = row["eps_mse_ci95"]
+    assert min(values) <= lo <= row["eps_mse"] <= hi <= max(values)
+    assert row["calib_seeds"] == 2
+    floor_images = np.load(tmp_path / "bench" / "samples" / "fp32-disjoint-seeds" / "samples.npz")["images"]
+    fp_images = np.load(tmp_path / "bench" / "samples" / "fp32" / "samples.npz")["images"]
+    assert floor_images.shape == fp_images.shape and not np.array_equal(floor_images, fp_images)
+    assert (tmp_path / "bench" / "samples" / "naive-W4A8-seed1" / "samples.npz").is_file()
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert "2 calibration seeds per row" in md and "eps_mse_ci95" in md and "per_seed" not in md
+
+
+def test_seed_zero_is_the_single_seed_run(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    one = run_bench(_tiny_cfg(tiny_folder, tmp_path / "one", ["W4A8"]))["rows"][1]
+    two = run_bench(_tiny_cfg(tiny_folder, tmp_path / "two", ["W4A8"], calib_seeds=2))["rows"][1]
+    assert two["per_seed"][0]["eps_mse"] == one["eps_mse"] and "per_seed" not in one

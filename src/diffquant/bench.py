@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import checked, save_yaml, to_dict
+from .config import checked, knob, save_yaml, to_dict
 from .errors import ConfigError
+from .eval.spread import aggregate_seeds, noise_floor, resolution, resolution_markdown
 from .fsutil import check_writable_dir
 from .jsonio import dumps, write_json
 from .pipeline import (
@@ -61,6 +62,15 @@ class BenchConfig:
     #: keep the float row and the finished rows already in ``out`` (same protocol) and run only the
     #: rows that are missing: resumes an interrupted run, or adds rows to a finished one
     resume: bool = False
+    #: K: calibration seeds per row (disjoint calibration trajectories, engine seed + k); K > 1
+    #: reports mean ± std and a bootstrap 95 % interval of every metric
+    calib_seeds: int = knob(1, ge=1, doc="calibration seeds per row")
+    #: also sample the float model from disjoint seeds (N … 2N−1): the sampling-noise floor row
+    noise_floor: bool = True
+
+
+#: the recipe name of the sampling-noise floor row
+NOISE_FLOOR_ROW = "fp32 (disjoint seeds)"
 
 
 def peak_rss_mb() -> float:
@@ -140,7 +150,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
         "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
         "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib), "metrics": list(cfg.metrics),
-        "split": cfg.split})
+        "split": cfg.split, "calib_seeds": cfg.calib_seeds, "noise_floor": cfg.noise_floor})
     command = " ".join(sys.argv)
     previous = load_previous_run(out, bundle.name, protocol, cfg.n) if cfg.resume else None
     save_yaml(cfg, out / "bench_config.yaml")
@@ -170,12 +180,18 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         write_json(out / "results.json", results, indent=1, default=str)
         status = "" if complete else "\n\n(partial: the run has not finished every row yet)"
         shown = "\n".join(f"Command: `{c}`" for c in commands)
+        spread = (f"{cfg.calib_seeds} calibration seeds per row: metrics are means, `_std` their standard "
+                  "deviation, `_ci95` a bootstrap 95 % interval of the mean"
+                  if cfg.calib_seeds > 1 else "one calibration seed per row (no seed interval)")
+        notes = resolution_notes(rows, cfg.metrics)
         (out / "results.md").write_text(
             f"# {bundle.name}: {title}\n\n"
             f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
-            f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images)\n\n{rows_markdown(rows)}"
-            f"{status}\n\n{shown}\n"
+            f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images); {spread}."
+            f"\n\n{rows_markdown(rows)}{status}\n\n{notes}{shown}\n"
         )
+        results["resolution"] = resolution_pairs(rows, cfg.metrics)
+        write_json(out / "results.json", results, indent=1, default=str)
         return results
 
     title = "; ".join(([f"{', '.join(cfg.recipes)} × {', '.join(cfg.settings)}"] if cfg.recipes else [])
@@ -197,35 +213,47 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         rows = [{"recipe": "fp32", "setting": "W32A32", **evaluate(fp.images, fp.labels),
                  "calib_s": 0.0, "sample_s": round(fp_sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                  "size_mb": round(float_size_mb(bundle.unet), 3), "load_1m": round(os.getloadavg()[0], 2)}]
+        if cfg.noise_floor:
+            print(f"[bench] {bundle.name}: full precision again from disjoint seeds (the sampling-noise floor)")
+            other = sample(bundle, cfg.n, **{**sample_kw, "seed": cfg.seed + cfg.n})
+            save_samples(other, row_samples_dir(out, NOISE_FLOOR_ROW, "W32A32"))
+            rows.append({"recipe": NOISE_FLOOR_ROW, "setting": "W32A32", **evaluate(other.images, other.labels),
+                         "calib_s": 0.0, "size_mb": rows[0]["size_mb"], "load_1m": round(os.getloadavg()[0], 2)})
         curves = {}
         commands = [command]
-        grids = [fp.images[:per_row]]
+        grids = [fp.images[:per_row]] + ([other.images[:per_row]] if cfg.noise_floor else [])
     for recipe, name, recipe_config, tag, wbits, abits in plan:
         done = [i for i, r in enumerate(rows) if (r["recipe"], r["setting"]) == (recipe, tag)]
         if done and (row_samples_dir(out, recipe, tag) / "samples.npz").is_file():
             print(f"[bench] {recipe} {tag}: already in {out}, kept")
             continue
-        print(f"[bench] {recipe} {tag}: calibrating")
         quant = build_quant_config(wbits, abits, None, split=cfg.split)
-        res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config)
-        calib_load = os.getloadavg()[0]  # timings are only comparable at a known machine load
-        qbundle = bundle.with_unet(res.qmodel)
-        t0 = time.perf_counter()
-        qs = sample(qbundle, cfg.n, **sample_kw)
-        sample_s = time.perf_counter() - t0
-        save_samples(qs, row_samples_dir(out, recipe, tag))
-        curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
-        curves[f"{recipe} {tag}"] = curve
-        row = {"recipe": recipe, "setting": tag, **evaluate(qs.images, qs.labels, fp_images),
-               "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
-               "capture_s": round(res.timings.get("capture_s", 0.0), 1),
-               "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-               "size_mb": round(model_size_mb(res.qmodel), 3), "load_1m": round(calib_load, 2)}
+        runs = []
+        for k in range(cfg.calib_seeds):
+            which = f" (calibration seed {k + 1}/{cfg.calib_seeds})" if cfg.calib_seeds > 1 else ""
+            print(f"[bench] {recipe} {tag}: calibrating{which}")
+            res = quantize_bundle(bundle, name, quant, cfg.calib, device, recipe_config=recipe_config, seed_offset=k)
+            calib_load = os.getloadavg()[0]  # timings are only comparable at a known machine load
+            qbundle = bundle.with_unet(res.qmodel)
+            t0 = time.perf_counter()
+            qs = sample(qbundle, cfg.n, **sample_kw)
+            sample_s = time.perf_counter() - t0
+            save_samples(qs, row_samples_dir(out, recipe, tag, k))
+            curve = _eps_curve(bundle, res.qmodel, cfg, guidance, device)
+            if k == 0:
+                curves[f"{recipe} {tag}"] = curve
+                first_images = qs.images[:per_row]
+            runs.append({"recipe": recipe, "setting": tag, "calib_seed": k, **evaluate(qs.images, qs.labels, fp_images),
+                         "eps_mse": float(np.mean(curve["eps_mse"])), "calib_s": round(res.seconds, 1),
+                         "capture_s": round(res.timings.get("capture_s", 0.0), 1),
+                         "sample_s": round(sample_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                         "size_mb": round(model_size_mb(res.qmodel), 3), "load_1m": round(calib_load, 2)})
+        row = aggregate_seeds(runs, seed=cfg.seed)
         if done:  # a kept row whose samples were lost: replaced in place
-            rows[done[0]], grids[done[0]] = row, qs.images[:per_row]
+            rows[done[0]], grids[done[0]] = row, first_images
         else:
             rows.append(row)
-            grids.append(qs.images[:per_row])
+            grids.append(first_images)
         write(complete=False)
     results = write(complete=True)
     table = rows_markdown(rows)
@@ -235,9 +263,36 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
     return results
 
 
-def row_samples_dir(out: Path, recipe: str, setting: str) -> Path:
-    """Where a bench row's samples live inside the results directory ``out``."""
-    return out / "samples" / f"{recipe}-{setting}"
+def row_samples_dir(out: Path, recipe: str, setting: str, calib_seed: int = 0) -> Path:
+    """Where a bench row's samples (of calibration seed ``calib_seed``) live inside ``out``."""
+    if recipe == NOISE_FLOOR_ROW:
+        return out / "samples" / "fp32-disjoint-seeds"
+    return out / "samples" / (f"{recipe}-{setting}" + (f"-seed{calib_seed}" if calib_seed else ""))
+
+
+#: metrics on which pairs of rows are checked for resolution (where measured), in this order
+RESOLVED_METRICS = ("fid", "psnr", "eps_mse")
+
+
+def resolution_pairs(rows: list[dict], metrics: list[str]) -> dict:
+    """For FID (when measured), PSNR and ε-MSE: the noise floor and every same-setting pair."""
+    out = {}
+    for metric in RESOLVED_METRICS:
+        if metric == "fid" and "fid" not in metrics:
+            continue
+        floor = noise_floor(rows, metric, floor_recipe=NOISE_FLOOR_ROW)
+        pairs = resolution(rows, metric, floor)
+        if pairs:
+            out[metric] = {"noise_floor": floor, "pairs": pairs}
+    return out
+
+
+def resolution_notes(rows: list[dict], metrics: list[str]) -> str:
+    """The Markdown of :func:`resolution_pairs` (FID's floor from the disjoint-seed float row;
+    PSNR and ε-MSE are measured against the float model from the same noise, so no floor)."""
+    blocks = [resolution_markdown(v["pairs"], v["noise_floor"], metric)
+              for metric, v in resolution_pairs(rows, metrics).items()]
+    return "".join(b + "\n\n" for b in blocks if b)
 
 
 @dataclass
@@ -281,6 +336,8 @@ def load_previous_run(out: Path, model: str, protocol: dict, n: int) -> Previous
     if rows and rows[0].get("recipe") == "fp32":
         old.setdefault("metrics", [m for m in ("fid", "sfid", "precision", "recall") if m in rows[0]])
     old.setdefault("split", " --split" in saved.get("command", ""))
+    old.setdefault("calib_seeds", 1)
+    old.setdefault("noise_floor", any(r.get("recipe") == NOISE_FLOOR_ROW for r in rows))
     differ = sorted(k for k in set(protocol) | set(old) if protocol.get(k) != old.get(k))
     if differ:
         detail = "; ".join(f"{k}: {old.get(k)!r} there, {protocol.get(k)!r} now" for k in differ)
@@ -303,18 +360,25 @@ def _normalised(value):
 
 
 def format_cell(v) -> str:
-    """A Markdown table cell: ``-`` for missing, 4 significant digits for floats."""
+    """A Markdown table cell: ``-`` for missing, 4 significant digits for floats, [lo, hi] for an
+    interval."""
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        return f"[{v[0]:.4g}, {v[1]:.4g}]"
     return str(v)
+
+
+#: row fields kept in results.json only (not table columns)
+JSON_ONLY = ("per_seed",)
 
 
 def rows_markdown(rows: list[dict]) -> str:
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys]
+        keys += [k for k in r if k not in keys and k not in JSON_ONLY]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(format_cell(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -329,12 +393,13 @@ def _plots(rows: list[dict], curves: dict, out: Path) -> None:
     except ImportError:  # plots are optional
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for recipe in sorted({r["recipe"] for r in rows if r["recipe"] != "fp32"}):
-        pts = [(parse_setting(r["setting"])[0] * 100 + parse_setting(r["setting"])[1], r["setting"], r.get("fid"))
-               for r in rows if r["recipe"] == recipe and r.get("fid") is not None]
+    for recipe in sorted({r["recipe"] for r in rows if not r["recipe"].startswith("fp32")}):
+        pts = [(parse_setting(r["setting"])[0] * 100 + parse_setting(r["setting"])[1], r["setting"], r.get("fid"),
+                r.get("fid_std", 0.0)) for r in rows if r["recipe"] == recipe and r.get("fid") is not None]
         pts.sort()
         if pts:
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=recipe)
+            ax.errorbar([p[1] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o",
+                        capsize=3, label=recipe)
     fp = [r.get("fid") for r in rows if r["recipe"] == "fp32"]
     if fp and fp[0] is not None:
         ax.axhline(fp[0], color="k", ls="--", label="fp32")
@@ -379,6 +444,12 @@ def add_bench_parser(sub) -> None:
                    help="Inception metrics (fid sfid precision recall); empty: fidelity to FP only")
     p.add_argument("--fd-method", default="sqrtm", choices=["sqrtm", "eigh"])
     p.add_argument("--calib-n", type=int, default=64)
+    p.add_argument("--calib-seeds", type=int, default=1, metavar="K",
+                   help="calibration seeds per row (disjoint calibration trajectories, engine seed + k): "
+                        "mean ± std and a bootstrap 95%% interval of every metric; pairs whose intervals overlap "
+                        "are marked not resolved")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the float row sampled from disjoint seeds (the sampling-noise floor)")
     p.add_argument("--calib-every", type=int, default=5)
     p.add_argument("--split", action="store_true")
     p.add_argument("--row", nargs=2, action="append", default=[], metavar=("SETTING", "RECIPE_SPEC"),
@@ -404,7 +475,11 @@ def _run(args) -> int:
     from .pipeline_folders import bench_pipeline_folder, pipeline_folder_or_none
 
     folder = pipeline_folder_or_none(args.model)
+    if args.calib_seeds < 1:
+        raise ConfigError(f"--calib-seeds must be >= 1, got {args.calib_seeds}")
     if folder is not None:  # a full diffusers pipeline: sampled through diffusers
+        if args.calib_seeds != 1:
+            raise ConfigError("--calib-seeds applies to named models and denoiser folders, not full pipeline folders")
         rows = [(spec, *parse_recipe_spec(spec), s.upper(), *parse_setting(s)) for spec in recipes
                 for s in args.settings]
         rows += [(spec, *parse_recipe_spec(spec), setting.upper(), *parse_setting(setting))
@@ -421,6 +496,7 @@ def _run(args) -> int:
     cfg = BenchConfig(model=args.model, recipes=recipes, rows=[list(r) for r in args.row], settings=args.settings, n=args.n, steps=args.steps,
                       ref_n=args.ref_n, metrics=args.metrics, fd_method=args.fd_method, split=args.split,
                       calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out,
-                      resume=args.resume, guidance=args.guidance)
+                      resume=args.resume, guidance=args.guidance, calib_seeds=args.calib_seeds,
+                      noise_floor=not args.no_noise_floor)
     run_bench(cfg, device=args.device, assets=args.assets)
     return 0

@@ -113,8 +113,22 @@ def as_recipe(recipe: "str | Recipe", recipe_config=None) -> tuple[Recipe, objec
 
 
 def quantize_bundle(bundle, recipe: "str | Recipe", quant: QuantConfig, calib: CalibConfig, device="cpu",
-                    cache_dir=None, *, recipe_config=None, work_dir=None) -> QuantizeResult:
+                    cache_dir=None, *, recipe_config=None, work_dir=None, seed_offset: int = 0) -> QuantizeResult:
+    """Capture calibration trajectories of ``bundle``, wrap its denoiser and run ``recipe``.
+
+    ``seed_offset`` k > 0 gives another calibration seed: trajectories from seeds disjoint from
+    those of offset 0 (``calib.seed + k·calib.n`` on) and the recipe's engine seed + k (the
+    randomness of selection picks, reconstruction and fine-tuning); 0 is the recipe as given.
+    """
     stages, recorded = as_recipe(recipe, recipe_config)
+    if seed_offset:
+        import dataclasses
+
+        calib = dataclasses.replace(calib, seed=calib.seed + seed_offset * calib.n)
+        stages = dataclasses.replace(stages, engine=dataclasses.replace(stages.engine,
+                                                                       seed=stages.engine.seed + seed_offset))
+        if recorded is not None and hasattr(recorded, "seed"):
+            recorded = dataclasses.replace(recorded, seed=recorded.seed + seed_offset)
     stages.check_calibration(calib.steps)  # schedule-dependent options, before any capture
     quant = stages.wrap_config(quant)
     t0 = time.perf_counter()
