@@ -167,8 +167,12 @@ def test_attention_mask_is_applied_in_the_quantized_path(device):
     assert rel < 0.05
 
 
+@pytest.mark.parametrize("budget", ["one_token", "two_tokens", "one_row"])
 @pytest.mark.parametrize("kind", ["image_self", "cross"])
-def test_chunked_cpu_inference_equals_the_whole_computation(kind, monkeypatch):
+def test_chunked_inference_equals_the_whole_computation(kind, budget, monkeypatch):
+    """Rows and, where one row's scores exceed the budget, query tokens go in chunks: the score
+    tensors stay within the budget and the result equals the whole computation (bit-identical by
+    rows; to float rounding by query tokens)."""
     import diffquant.nn.attention as attention_module
 
     attn, args, kwargs = make_attention(kind, "cpu")
@@ -181,11 +185,44 @@ def test_chunked_cpu_inference_equals_the_whole_computation(kind, monkeypatch):
     monkeypatch.setattr(attention_module, "SCORE_CHUNK_ELEMENTS", 1 << 30)
     with torch.no_grad():
         whole = attn(*args, **kwargs)
+    n_q, n_k = (16, 16) if kind == "image_self" else (6, 5)
+    limit = {"one_token": 1, "two_tokens": 2 * n_k, "one_row": n_q * n_k}[budget]
     calls = []
     original = proc._attend_rows
-    monkeypatch.setattr(proc, "_attend_rows", lambda *a: calls.append(a[0].shape[0]) or original(*a))
-    monkeypatch.setattr(attention_module, "SCORE_CHUNK_ELEMENTS", 1)  # one row per chunk
+    monkeypatch.setattr(proc, "_attend_rows", lambda *a: calls.append(tuple(a[0].shape[:2])) or original(*a))
+    monkeypatch.setattr(attention_module, "SCORE_CHUNK_ELEMENTS", limit)
     with torch.no_grad():
         chunked = attn(*args, **kwargs)
-    assert calls == [1] * 4  # batch 2 × 2 heads
-    assert torch.equal(chunked, whole)
+    tokens = {"one_token": 1, "two_tokens": 2, "one_row": n_q}[budget]
+    assert all(rows == 1 and t <= tokens for rows, t in calls)  # batch 2 × 2 heads, one row at a time
+    assert sum(t for _, t in calls) == 4 * n_q and all(r * t * n_k <= max(limit, n_k) for r, t in calls)
+    if budget == "one_row":
+        assert torch.equal(chunked, whole)
+    else:  # a query chunk's QKᵀ is another GEMM shape: float rounding of the scores may differ
+        assert (chunked - whole).abs().max() < 1e-5, (chunked - whole).abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unquantized_softmax_runs_fused_without_a_probability_tensor(kind, monkeypatch):
+    """softmax_bits 16: q, k, v quantized, then one scaled_dot_product_attention call; the result
+    equals the explicit FP32 softmax path to float rounding."""
+    import diffquant.nn.attention as attention_module
+
+    attn, args, kwargs = make_attention(kind, "cpu")
+    proc = install(attn, A8, A16)
+    calibrate(attn, proc, args, kwargs)
+    assert not proc.probs_quantizer.active and proc.active
+    explicit = []
+    original = proc._attend_rows
+    monkeypatch.setattr(proc, "_attend_rows", lambda *a: explicit.append(1) or original(*a))
+    fused = []
+    real_sdpa = attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: fused.append(1) or real_sdpa(*a, **k))
+    with torch.no_grad():
+        out = attn(*args, **kwargs)
+    assert fused == [1] and explicit == []
+    monkeypatch.setattr(proc, "_fused", lambda q, k, v, m, s: original(q, k, v, m, s))
+    with torch.no_grad():
+        reference = attn(*args, **kwargs)
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-6)

@@ -11,17 +11,31 @@ saved with the rest of the quantizer state.
 
 When none of its quantizers is active the original float processor runs, so a W16A16 model
 reproduces the float model exactly.
+
+Memory: at inference the score matrix is never materialised whole. With the softmax output not
+quantized, P·V runs as one fused ``scaled_dot_product_attention`` on the quantized q, k, v (no
+probability tensor at all); otherwise rows (batch·heads) and, where one row's scores exceed the
+budget, query tokens go in chunks of at most ``SCORE_CHUNK_ELEMENTS`` (CPU: cache-sized) or
+``DEVICE_SCORE_CHUNK_ELEMENTS`` (accelerators) score elements, so memory grows with
+batch × tokens × chunk rather than × tokens². Rows and query tokens are independent and the
+quantizers are static then, so the result equals the whole computation (bit-identical for row
+chunks; for query-token chunks and the fused kernel up to the float rounding of another GEMM
+shape). A probs quantizer that observes or learns sees the whole tensor, as one batch.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+import torch.nn.functional as F
+
 from .layers import QuantizerSpec, _needs_module_call, quantize_activation
 
 MATMUL_QUANTIZERS = ("q", "k", "v", "probs")
 #: score-matrix elements per chunk at CPU inference (2 MiB of float32: stays in cache)
 SCORE_CHUNK_ELEMENTS = 1 << 19
+#: score-matrix elements per chunk on an accelerator (256 MiB of float32)
+DEVICE_SCORE_CHUNK_ELEMENTS = 1 << 26
 
 
 class QuantAttnProcessor(nn.Module):
@@ -99,23 +113,39 @@ class QuantAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-        """Q(P)·V with P = softmax(scale·QKᵀ + mask), over rows [B·heads, tokens, dim].
-
-        At CPU inference the rows go in chunks whose score matrices stay in cache (each row is
-        computed independently, so the result is the same); a probs quantizer that observes or
-        learns sees the whole tensor at once, as one batch.
-        """
+        """Q(P)·V with P = softmax(scale·QKᵀ + mask), over rows [B·heads, tokens, dim], in chunks
+        at inference (see the module docstring)."""
         rows, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
-        chunk = max(1, SCORE_CHUNK_ELEMENTS // (n_q * n_k))
-        if query.device.type != "cpu" or chunk >= rows or _needs_module_call(self.probs_quantizer, query) \
-                or (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)):
+        learning = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if learning or _needs_module_call(self.probs_quantizer, query):
             return self._attend_rows(query, key, value, mask, scale)
+        if not (self.use_act_quant and self.probs_quantizer.active):
+            return self._fused(query, key, value, mask, scale)
+        budget = SCORE_CHUNK_ELEMENTS if query.device.type == "cpu" else DEVICE_SCORE_CHUNK_ELEMENTS
+        if rows * n_q * n_k <= budget:
+            return self._attend_rows(query, key, value, mask, scale)
+        row_chunk = max(1, budget // (n_q * n_k))
+        token_chunk = n_q if row_chunk > 1 else max(1, budget // n_k)
         per_row_mask = mask is not None and mask.shape[0] == rows
-        return torch.cat([
-            self._attend_rows(query[i:i + chunk], key[i:i + chunk], value[i:i + chunk],
-                              mask[i:i + chunk] if per_row_mask else mask, scale)
-            for i in range(0, rows, chunk)
-        ])
+        per_token_mask = mask is not None and mask.shape[-2] == n_q
+        out = []
+        for i in range(0, rows, row_chunk):
+            q_rows, k_rows, v_rows = query[i:i + row_chunk], key[i:i + row_chunk], value[i:i + row_chunk]
+            m_rows = mask[i:i + row_chunk] if per_row_mask else mask
+            out.append(torch.cat([
+                self._attend_rows(q_rows[:, j:j + token_chunk], k_rows, v_rows,
+                                  m_rows[:, j:j + token_chunk] if per_token_mask else m_rows, scale)
+                for j in range(0, n_q, token_chunk)
+            ], dim=1))
+        return torch.cat(out)
+
+    @staticmethod
+    def _fused(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        """softmax(scale·QKᵀ + mask)·V without a probability tensor (scores in FP32, as below)."""
+        dtype = query.dtype
+        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(),
+                                             attn_mask=None if mask is None else mask.float(), scale=scale)
+        return out.to(dtype)
 
     def _attend_rows(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         dtype = query.dtype
