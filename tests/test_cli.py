@@ -94,11 +94,51 @@ def test_main_job_runs_end_to_end_on_a_tiny_n(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     results = json.loads((tmp_path / "main" / "results.json").read_text())
     settings = [r["setting"] for r in results["rows"]]
-    assert settings == ["FP32", "W8A8", "W4A8"]
-    w8, w4 = results["rows"][1], results["rows"][2]
-    assert 0 <= w8["mse_vs_fp"] and 0 <= w4["mse_vs_fp"]
+    assert settings == ["FP32", "W8A8", "W8A8", "W4A8", "W4A8"]
+    assert all(0 <= r["mse_vs_fp [0,1]²"] <= 1 for r in results["rows"][1:])
     assert (tmp_path / "main" / "comparison.png").is_file()
     assert "W4A8" in out and "comparison.png" in out
+
+
+def test_main_job_runs_the_chosen_recipe_beside_the_baseline_with_a_labelled_grid(tmp_path, capsys,
+                                                                                 tiny_unet_folder, monkeypatch):
+    """``main`` (recipe auto): the naive baseline and the chosen recipe at each setting, named in
+    the output, each with the calibration it is sized for; units named; a readable, labelled grid."""
+    from PIL import Image
+
+    import diffquant.pipeline as pipeline
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    spec = "qdiffusion:iters_w=2,iters_a=2,cali_st=2,cali_n=2,act_init_n=2,batch_size=2"
+    monkeypatch.setattr(pipeline, "MAIN_CHOICE", {"recipe": spec, "calib_n": 3, "calib_every": 1})
+    monkeypatch.setattr(pipeline, "BASELINE", {"recipe": "naive", "calib_n": 2, "calib_every": 1})
+    sized = []
+    real = pipeline.quantize_bundle
+    monkeypatch.setattr(pipeline, "quantize_bundle", lambda b, r, q, c, *a, **k: sized.append((r, c.n)) or real(b, r, q, c, *a, **k))
+    code, out, err = run(["main", "--model", str(tiny_unet_folder), "--n", "3", "--steps", "2", "--no-fid",
+                          "--out", str(tmp_path / "main")], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "main" / "results.json").read_text())
+    assert [(r["setting"], r["recipe"]) for r in results["rows"]] == [
+        ("FP32", "-"), ("W8A8", "naive"), ("W8A8", spec), ("W4A8", "naive"), ("W4A8", spec)]
+    assert sized == [("naive", 2), ("qdiffusion", 3)] * 2
+    assert results["recipe"] == spec and results["baseline"] == "naive"
+    assert f"recipe: {spec}" in out and "baseline: naive" in out and "main job done in" in out
+    assert all(0 <= r["mse_vs_fp [0,1]²"] <= 1 and r["psnr_vs_fp dB"] > 0 for r in results["rows"][1:])
+    assert any("[0, 1]" in note for note in results["notes"])
+    grid = Image.open(tmp_path / "main" / "comparison.png")
+    # 5 labelled rows of 3 tiles, each 8-pixel sample scaled up to >= 96 pixels
+    assert grid.height >= 5 * 96 and grid.width >= 3 * 96 + 40
+
+
+def test_grid_column_labels_are_the_class_names():
+    from diffquant.bundle import DiffusionBundle, linear_ddpm_config
+    from diffquant.pipeline import _column_labels
+
+    bundle = DiffusionBundle("c", torch.nn.Identity(), linear_ddpm_config(), (1, 4, 4), num_classes=3, null_class=3,
+                             extra={"classes": ["cat", "dog", "T-shirt/top"]})
+    assert _column_labels(bundle, torch.tensor([2, 0, 1, 2]), 3) == ["T-shirt/top", "cat", "dog"]
+    assert _column_labels(bundle, None, 3) is None
 
 
 def test_quantize_with_a_recipe_config_resumes_from_its_work_dir(tmp_path, capsys, tiny_unet_folder, monkeypatch):

@@ -158,4 +158,5 @@ def test_main_on_a_pipeline_folder_samples_every_setting_from_the_same_prompts(s
     assert list(rows) == ["W32A32", "W8A8", "W4A8"]
     assert 0 < rows["W8A8"]["mse"] < rows["W4A8"]["mse"]  # same prompts and seeds: W4 is further from float
     grid = Image.open(tmp_path / "m" / "comparison.png")
-    assert grid.size[1] == 3 * (16 + 2) + 2 and grid.size[0] > 2 * (16 + 2)  # a labelled row per setting
+    # a labelled row per setting; the 16-pixel images are scaled up to 96 pixels to be seen
+    assert grid.size[1] == 3 * (96 + 2) + 2 and grid.size[0] > 2 * (96 + 2)

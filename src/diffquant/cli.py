@@ -118,12 +118,15 @@ def add_main_parser(sub) -> None:
     p.add_argument("--n", type=_positive, default=100, help="samples per setting for the metrics")
     p.add_argument("--steps", type=_positive, default=50, help="DDIM steps")
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"], help="settings, e.g. W8A8 W4A8 W4A6")
-    p.add_argument("--recipe", default="naive")
+    p.add_argument("--recipe", default="auto",
+                   help="auto (the best recipe that fits the job's budget, beside the naive baseline) or a recipe spec")
     p.add_argument("--no-fid", action="store_true", help="skip FID (needs the Inception weights)")
     p.add_argument("--out", default="runs/main", help="output directory")
-    p.add_argument("--calib-n", type=_positive, default=64,
-                   help="calibration trajectories (pipeline folders: calibration prompts/labels)")
-    p.add_argument("--calib-every", type=_positive, default=5, help="calibrate on every k-th sampler step")
+    p.add_argument("--calib-n", type=_positive, default=None,
+                   help="calibration trajectories of the recipe (default: what it is sized for; pipeline folders: "
+                        "calibration prompts/labels, 64)")
+    p.add_argument("--calib-every", type=_positive, default=None,
+                   help="calibrate on every k-th sampler step (default: what the recipe is sized for)")
     p.add_argument("--prompts", default=None,
                    help="text-to-image pipeline folders: prompts to sample, one per line (default: the shipped set)")
     p.add_argument("--classes", type=class_list, default=None,
@@ -139,9 +142,10 @@ def _run_main(args) -> int:
 
     folder = pipeline_folder_or_none(args.model)
     if folder is not None:  # a full diffusers pipeline: sampled through diffusers
-        main_pipeline_folder(folder, n=args.n, steps=args.steps, settings=args.bits, recipe=args.recipe,
+        main_pipeline_folder(folder, n=args.n, steps=args.steps, settings=args.bits,
+                             recipe="naive" if args.recipe == "auto" else args.recipe,
                              fid=not args.no_fid, out=args.out, prompts=args.prompts, classes=args.classes,
-                             reference=args.reference, calib_n=args.calib_n, calib_every=args.calib_every,
+                             reference=args.reference, calib_n=args.calib_n or 64, calib_every=args.calib_every or 5,
                              device=args.device)
         return 0
     if args.prompts is not None or args.classes is not None or args.reference is not None:
