@@ -143,9 +143,11 @@ class QuantAttnProcessor(nn.Module):
     def _fused(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         """softmax(scale·QKᵀ + mask)·V without a probability tensor (scores in FP32, as below)."""
         dtype = query.dtype
-        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(),
-                                             attn_mask=None if mask is None else mask.float(), scale=scale)
-        return out.to(dtype)
+        # [1, rows, tokens, dim]: with a head axis the CPU flash kernel runs (3-D inputs take the
+        # math fallback, which materialises the whole score tensor)
+        out = F.scaled_dot_product_attention(query.float()[None], key.float()[None], value.float()[None],
+                                             attn_mask=None if mask is None else mask.float()[None], scale=scale)
+        return out[0].to(dtype)
 
     def _attend_rows(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         dtype = query.dtype
