@@ -1,6 +1,8 @@
 """Per-unit caches: every argument of the unit call, x_in^q vs x_in^fp, y^fp, early abort, storage."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,6 +150,12 @@ def test_fp16_and_disk_storage(make_unet, unet_inputs, tmp_path):
     torch.testing.assert_close(disk.target(index), mem.target(index), rtol=0, atol=0)
     files = list(tmp_path.rglob("*.bin"))
     assert files
+    # read back by positioned I/O: no cache file is mapped into the process (mapped pages would
+    # count as resident memory and grow it by the whole cache)
+    mapped = Path("/proc/self/maps")
+    if mapped.is_file():
+        maps = mapped.read_text()
+        assert not any(str(f) in maps for f in files)
     disk.close()
     auto.close()
     assert not list(tmp_path.rglob("*.bin"))

@@ -15,12 +15,14 @@ when the output is not needed, aborts the forward at once by raising a private e
 y^fp a forward hook records the output and aborts right after the unit. Later layers never run.
 
 Tensors whose leading dimension is the call's batch are stored per sample, [N, …], on the CPU
-(optionally fp16) or, above a memory limit, in memory-mapped files on disk; other arguments
+(optionally fp16) or, above a memory limit, in files on disk read back by positioned I/O (nothing
+stays mapped, so resident memory holds only the batches in use); other arguments
 (``None``, flags, tensors without a batch axis) are kept once. :meth:`UnitCache.inputs` gathers any
 set of sample indices back into ``(args, kwargs)`` on the training device.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -104,38 +106,62 @@ class _Budget:
 
 
 class TensorStore:
-    """N rows of one per-sample tensor, in CPU memory or in a memory-mapped file."""
+    """N rows of one per-sample tensor, in CPU memory or in a file on disk.
+
+    On disk, rows are written and read with explicit positioned I/O (``os.pwrite``/``os.pread``)
+    rather than a memory map: what was read is copied into a fresh tensor and nothing of the file
+    stays mapped into the process, so resident memory holds only the batches in use (memory-mapped
+    pages count as resident, which let a disk cache grow the process by its whole size).
+    """
 
     def __init__(self, n: int, row_shape: tuple[int, ...], dtype: torch.dtype, budget: _Budget):
         self.n = n
         self.row_shape = tuple(row_shape)
         self.dtype = dtype
-        nbytes = n * int(np.prod(row_shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * self.row_bytes
         self.nbytes = nbytes
-        self._array: np.memmap | None = None
+        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self._fd: int | None = None
         self._tensor: Tensor | None = None
         if budget.wants_disk(nbytes):
-            np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-            self._array = np.memmap(budget.new_file(), dtype=np_dtype, mode="w+", shape=(n, *row_shape))
+            path = budget.new_file()
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self._fd, nbytes)
+            self._finalizer = weakref.finalize(self, os.close, self._fd)
         else:
             self._tensor = torch.empty((n, *row_shape), dtype=dtype)
             budget.used += nbytes
 
     @property
     def on_disk(self) -> bool:
-        return self._array is not None
+        return self._fd is not None
 
     def write(self, index: slice, value: Tensor) -> None:
-        value = value.detach().to(device="cpu", dtype=self.dtype)
-        if self._array is not None:
-            self._array[index] = value.numpy()
-        else:
+        value = value.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        if self._fd is None:
             self._tensor[index] = value
+            return
+        start = range(self.n)[index].start
+        data = memoryview(value.numpy()).cast("B")
+        written = 0
+        while written < len(data):  # pwrite may write less than asked
+            written += os.pwrite(self._fd, data[written:], start * self.row_bytes + written)
 
     def read(self, index: Tensor) -> Tensor:
-        if self._array is not None:
-            return torch.from_numpy(np.ascontiguousarray(self._array[index.numpy()]))
-        return self._tensor.index_select(0, index)
+        if self._fd is None:
+            return self._tensor.index_select(0, index)
+        rows = index.tolist()
+        out = np.empty((len(rows), *self.row_shape), dtype=self._np_dtype)
+        flat = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        for k, row in enumerate(rows):
+            if not 0 <= row < self.n:
+                raise IndexError(f"cache row {row} out of range [0, {self.n})")
+            target = flat[k * self.row_bytes:(k + 1) * self.row_bytes]
+            got = os.preadv(self._fd, [target], row * self.row_bytes)
+            if got != self.row_bytes:
+                raise DiffquantError(f"unit cache file is truncated (row {row}: {got} of {self.row_bytes} bytes)")
+        return torch.from_numpy(out)
 
 
 class _Leaf:
