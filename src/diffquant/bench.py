@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import checked, knob, save_yaml, to_dict
+from .config import checked, knob, save_yaml
 from .errors import ConfigError
 from .eval.spread import aggregate_seeds, noise_floor, resolution, resolution_markdown
 from .fsutil import check_writable_dir
 from .jsonio import dumps, write_json
 from .pipeline import (
     CalibConfig,
+    calib_protocol,
     bundled_classifier,
     build_quant_config,
     default_guidance,
@@ -149,7 +150,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         "n": cfg.n, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "guidance": guidance,
         "seeds": f"{cfg.seed}..{cfg.seed + cfg.n - 1} (per-sample generators)",
         "reference": None if reference is None else {"dataset": dataset, "split": "test", **reference.meta},
-        "fd_method": cfg.fd_method, "pr_k": 3, "calib": to_dict(cfg.calib), "metrics": list(cfg.metrics),
+        "fd_method": cfg.fd_method, "pr_k": 3, "calib": calib_protocol(cfg.calib), "metrics": list(cfg.metrics),
         "split": cfg.split, "calib_seeds": cfg.calib_seeds, "noise_floor": cfg.noise_floor})
     command = " ".join(sys.argv)
     previous = load_previous_run(out, bundle.name, protocol, cfg.n) if cfg.resume else None
@@ -448,6 +449,8 @@ def add_bench_parser(sub) -> None:
                    help="calibration seeds per row (disjoint calibration trajectories, engine seed + k): "
                         "mean ± std and a bootstrap 95%% interval of every metric; pairs whose intervals overlap "
                         "are marked not resolved")
+    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                   help="in-memory budget of the reconstruction unit caches (beyond it they stream from disk)")
     p.add_argument("--no-noise-floor", action="store_true",
                    help="skip the float row sampled from disjoint seeds (the sampling-noise floor)")
     p.add_argument("--calib-every", type=int, default=5)
@@ -495,7 +498,8 @@ def _run(args) -> int:
         raise ConfigError("--prompts, --classes and --reference apply to full diffusers pipeline folders")
     cfg = BenchConfig(model=args.model, recipes=recipes, rows=[list(r) for r in args.row], settings=args.settings, n=args.n, steps=args.steps,
                       ref_n=args.ref_n, metrics=args.metrics, fd_method=args.fd_method, split=args.split,
-                      calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every), out=args.out,
+                      calib=CalibConfig(n=args.calib_n, steps=args.steps, every=args.calib_every,
+                                        max_memory_mb=args.max_memory), out=args.out,
                       resume=args.resume, guidance=args.guidance, calib_seeds=args.calib_seeds,
                       noise_floor=not args.no_noise_floor)
     run_bench(cfg, device=args.device, assets=args.assets)

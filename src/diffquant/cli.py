@@ -60,6 +60,9 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--calib-n", type=_positive, default=64, help="calibration trajectories")
     p.add_argument("--calib-steps", type=_positive, default=50, help="sampler steps of the calibration trajectories")
     p.add_argument("--calib-every", type=_positive, default=5, help="use every k-th step (uniform selection)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                   help="in-memory budget of the reconstruction unit caches; beyond it they stream from disk "
+                        "(default: the recipe's, at most a quarter of the machine's memory)")
     p.add_argument("--prompts", default=None,
                    help="text-to-image pipeline folders: calibration prompts, one per line (default: the shipped set)")
     p.add_argument("--classes", type=class_list, default=None,
@@ -83,7 +86,8 @@ def _run_quantize(args) -> int:
 
     result = quantize_model(
         model=args.model, recipe=args.recipe, wbits=args.wbits, abits=args.abits, config_path=args.config,
-        split=args.split, calib=CalibConfig(n=args.calib_n, steps=args.calib_steps, every=args.calib_every),
+        split=args.split, calib=CalibConfig(n=args.calib_n, steps=args.calib_steps, every=args.calib_every,
+                                            max_memory_mb=args.max_memory),
         out=args.out, assets=args.assets, device=args.device, recipe_config_path=args.recipe_config,
         work_dir=args.work_dir,
     )

@@ -35,6 +35,14 @@ class CalibConfig:
     guidance: float | None = None  # None: the model's default
     batch_size: int = 32
     seed: int = 10_000  # disjoint from evaluation seeds (which start at 0)
+    #: in-memory budget (MB) of the reconstruction unit caches; beyond it they stream from disk.
+    #: None: the recipe's own (``engine.cache_memory_mb``), at most a quarter of the machine's memory
+    max_memory_mb: float | None = None
+
+
+def calib_protocol(calib: CalibConfig) -> dict:
+    """The calibration settings that move a number (the cache memory budget does not)."""
+    return {k: v for k, v in to_dict(calib).items() if k != "max_memory_mb"}
 
 
 @dataclass
@@ -120,6 +128,13 @@ def quantize_bundle(bundle, recipe: "str | Recipe", quant: QuantConfig, calib: C
     randomness of selection picks, reconstruction and fine-tuning); 0 is the recipe as given.
     """
     stages, recorded = as_recipe(recipe, recipe_config)
+    if calib.max_memory_mb is not None:
+        import dataclasses
+
+        if calib.max_memory_mb <= 0:
+            raise ConfigError(f"max_memory_mb must be > 0, got {calib.max_memory_mb}")
+        stages = dataclasses.replace(stages, engine=dataclasses.replace(stages.engine,
+                                                                       cache_memory_mb=float(calib.max_memory_mb)))
     if seed_offset:
         import dataclasses
 
@@ -266,7 +281,7 @@ def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_pa
     work_dir = work_dir or str(Path(out) / "work")
     bundle = load_model(model, assets=assets, device=device)
     claim_work_dir(work_dir, {"model": model, "recipe": recipe, "recipe_config": recipe_dict(recipe_config),
-                              "quant": to_dict(quant), "calib": to_dict(calib)})
+                              "quant": to_dict(quant), "calib": calib_protocol(calib)})
     result = quantize_bundle(bundle, recipe, quant, calib, device, recipe_config=recipe_config,
                              work_dir=work_dir)
     result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib), "timings": result.timings})

@@ -199,6 +199,10 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+#: engine knobs that decide only where unit caches are stored (left out of resume fingerprints)
+STORAGE_KNOBS = ("cache_storage", "cache_memory_mb")
+
+
 def fingerprint(qmodel, recipe: Recipe, calib_set=None, **extra) -> str:
     """What a resumable run's saved progress must match: the recipe, the wrap plan, the
     quantization config and a digest of the calibration data (plus ``extra``)."""
@@ -215,7 +219,10 @@ def fingerprint(qmodel, recipe: Recipe, calib_set=None, **extra) -> str:
             "labels": None if labels is None else (
                 labels.fingerprint() if hasattr(labels, "fingerprint") else labels.tolist()),
         }
-    return fingerprint_of({"recipe": recipe.to_dict(), "plan": qmodel.plan.to_dict(),
+    recipe_dict = recipe.to_dict()
+    # where caches live changes no number: a run may resume with another memory budget or storage
+    recipe_dict["engine"] = {k: v for k, v in recipe_dict["engine"].items() if k not in STORAGE_KNOBS}
+    return fingerprint_of({"recipe": recipe_dict, "plan": qmodel.plan.to_dict(),
                            "quant": qmodel.quant_config, "data": data, **extra})
 
 

@@ -43,6 +43,16 @@ class NoOptions:
     """A stage without options."""
 
 
+def machine_memory_mb() -> float:
+    """Physical memory of this machine in MB (inf where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 @dataclass
 @checked
 class EngineSettings:
@@ -96,7 +106,8 @@ class StageContext:
         from ..recon.cache import CacheOptions
 
         e = self.engine
-        return CacheOptions(dtype=e.cache_dtype, storage=e.cache_storage, memory_limit_mb=e.cache_memory_mb,
+        limit = min(e.cache_memory_mb, machine_memory_mb() / 4)  # never more than the machine can hold
+        return CacheOptions(dtype=e.cache_dtype, storage=e.cache_storage, memory_limit_mb=limit,
                             directory=None if self.work_dir is None else str(self.work_dir / "unit_cache"))
 
     def engine_options(self):
