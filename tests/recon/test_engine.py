@@ -192,6 +192,47 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
         assert torch.equal(second(x, t), qmodel(x, t))
 
 
+def test_time_based_checkpoints_write_less_and_a_resume_from_an_earlier_unit_is_exact(tmp_path, monkeypatch):
+    """With ``min_interval_s`` only the first unit's checkpoint is written in a fast run; killed in
+    the second pass, the rerun restores that early checkpoint, redoes every later unit and ends
+    exactly where the uninterrupted run ends (records included)."""
+    from diffquant.model.resume import ResumeCheckpoint
+
+    qmodel, float_model, data = toy_qmodel(weight_bits=4, act_bits=4)
+    expected_records = _two_passes(qmodel, data)
+    expected = _state(qmodel)
+    writes = []
+    real_write = ResumeCheckpoint.write
+    monkeypatch.setattr(ResumeCheckpoint, "write", lambda self, qm, body, *a, **k: writes.append(
+        (body["pass"], body["last_unit"])) or real_write(self, qm, body, *a, **k))
+
+    class Interrupted(Exception):
+        pass
+
+    original = ReconProgress.save
+
+    def save_then_stop(self, qm, pass_name, last_unit, *args, **kwargs):
+        original(self, qm, pass_name, last_unit, *args, **kwargs)
+        if (pass_name, last_unit) == ("acts", 2):
+            raise Interrupted
+
+    first, _, _ = toy_qmodel(float_model, weight_bits=4, act_bits=4)
+    monkeypatch.setattr(ReconProgress, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        _two_passes(first, data, ReconProgress(tmp_path, ["weights", "acts"], "fp", min_interval_s=3600))
+    monkeypatch.setattr(ReconProgress, "save", original)
+    assert writes == [("weights", 0)]  # one write instead of one per unit
+
+    second, _, _ = toy_qmodel(float_model, weight_bits=4, act_bits=4)
+    progress = ReconProgress(tmp_path, ["weights", "acts"], "fp", min_interval_s=3600)
+    assert progress.restore(second) and progress.state["last_unit"] == 0
+    records = _two_passes(second, data, progress)
+    got = _state(second)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [(r.name, r.pass_name, r.final_loss) for r in records] == \
+        [(r.name, r.pass_name, r.final_loss) for r in expected_records]
+
+
 def test_progress_of_other_settings_is_refused(tmp_path):
     qmodel, _, data = toy_qmodel(weight_bits=4, quantize_acts=False)
     progress = ReconProgress(tmp_path, ["weights"], "settings-a")

@@ -22,6 +22,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,8 +187,10 @@ class FinetuneCheckpoint:
     """``<work_dir>/finetune/``: quantizer state, AdamW moments and schedule after an epoch, in the
     one checkpoint format (:class:`diffquant.model.resume.ResumeCheckpoint`)."""
 
-    def __init__(self, work_dir: str | Path, fingerprint: str):
+    def __init__(self, work_dir: str | Path, fingerprint: str, *, min_interval_s: float = 0.0):
         self.store = ResumeCheckpoint(Path(work_dir) / CHECKPOINT_DIR, CHECKPOINT_KIND, fingerprint)
+        self.min_interval_s = float(min_interval_s)
+        self._last_write = -float("inf")  # the first (Stage-1) checkpoint is always written
         self.root = self.store.root
         self.fingerprint = fingerprint
         #: JSON-able records written with every checkpoint (e.g. the Stage-1 records)
@@ -224,6 +227,11 @@ class FinetuneCheckpoint:
 
     def save(self, qmodel: QuantModel, epoch: int, history: list[dict], optimizer=None, scheduler=None,
              extra: dict | None = None) -> None:
+        """Checkpoint after ``epoch`` — only when ``min_interval_s`` have passed since the last one
+        (a resumed run redoes the epochs after it: each draws its data from its own seed)."""
+        self.extra.update(extra or {})
+        if time.monotonic() - self._last_write < self.min_interval_s:
+            return
         opt_state, tensors = None, {}
         if optimizer is not None:
             for gi, group in enumerate(optimizer.param_groups):
@@ -234,9 +242,9 @@ class FinetuneCheckpoint:
             sched = scheduler.state_dict()
             sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])  # plain functions: rebuilt, not saved
             opt_state = {"lrs": [g["lr"] for g in optimizer.param_groups], "scheduler": sched, "moments": len(tensors)}
-        self.extra.update(extra or {})
         self.store.write(qmodel, {"epoch": epoch, "history": history, "optimizer": opt_state, "extra": self.extra},
                          tensors)
+        self._last_write = time.monotonic()
 
 
 # ---------------------------------------------------------------------- the loop

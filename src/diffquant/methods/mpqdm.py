@@ -373,7 +373,8 @@ class QALoRA(Stage):
             return None, None
         if "finetune_checkpoint" not in ctx.shared:
             checkpoint = FinetuneCheckpoint(ctx.work_dir, fingerprint_of(
-                {"recipe": ctx.fingerprint, "timesteps": ctx.shared["timesteps"]}))
+                {"recipe": ctx.fingerprint, "timesteps": ctx.shared["timesteps"]}),
+                min_interval_s=ctx.engine.checkpoint_every_s)
             ctx.shared["finetune_checkpoint"] = (checkpoint, checkpoint.read_state())
         return ctx.shared["finetune_checkpoint"]
 

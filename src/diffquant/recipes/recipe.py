@@ -199,8 +199,9 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-#: engine knobs that decide only where unit caches are stored (left out of resume fingerprints)
-STORAGE_KNOBS = ("cache_storage", "cache_memory_mb")
+#: engine knobs that decide only where unit caches are stored and how often progress is written
+#: (left out of resume fingerprints: a run may resume with other values)
+STORAGE_KNOBS = ("cache_storage", "cache_memory_mb", "checkpoint_every_s")
 
 
 def fingerprint(qmodel, recipe: Recipe, calib_set=None, **extra) -> str:
@@ -264,7 +265,8 @@ def run_recipe(qmodel, recipe: Recipe, ctx: StageContext | None = None, *, recip
     ctx.fingerprint = fingerprint(qmodel, recipe, ctx.calib_set)
     passes = [p for s in active for p in s.passes(qmodel)]
     if ctx.work_dir is not None and ctx.calib_set is not None and passes:
-        ctx.checkpoints = ReconProgress(ctx.work_dir, passes, ctx.fingerprint)
+        ctx.checkpoints = ReconProgress(ctx.work_dir, passes, ctx.fingerprint,
+                                        min_interval_s=recipe.engine.checkpoint_every_s)
         ctx.checkpoints.restore(qmodel)
     for i, stage in enumerate(active):
         if not stage.passes(qmodel) and any(later.resumed(qmodel, ctx) for later in active[i + 1:]):

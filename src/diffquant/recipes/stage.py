@@ -66,11 +66,16 @@ class EngineSettings:
     cache_memory_mb: float = 4096.0
     #: cached samples on which each unit's initial/final loss is reported
     eval_samples: int = 256
+    #: a resume checkpoint is written after a unit (or epoch) only when this many seconds have
+    #: passed since the last one (0: after every unit); a resumed run redoes the units after it
+    checkpoint_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         from ..errors import ConfigError
         from ..recon.cache import CacheOptions
 
+        if self.checkpoint_every_s < 0:
+            raise ConfigError(f"checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples must be >= 1, got {self.eval_samples}")
         CacheOptions(dtype=self.cache_dtype, storage=self.cache_storage, memory_limit_mb=self.cache_memory_mb)
