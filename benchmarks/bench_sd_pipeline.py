@@ -76,7 +76,7 @@ def relative_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).mean() / (b ** 2).mean())
 
 
-def teacher_forced_eps(qmodel, reference: dq.PipelineCalibration, fp_model) -> float:
+def teacher_forced_eps(qmodel, reference: dq.PipelineCalibration, fp_model, device="cpu") -> float:
     """Mean over steps of ‖ε_q − ε_fp‖² / ‖ε_fp‖² on the float trajectory's recorded inputs."""
     cs = reference.calib_set
     errors = []
@@ -84,6 +84,7 @@ def teacher_forced_eps(qmodel, reference: dq.PipelineCalibration, fp_model) -> f
         for k in sorted(set(cs.steps.tolist())):
             index = (cs.steps == k).nonzero().flatten()
             x, t, cond = cs[index]
+            x, t = x.to(device), t.to(device)
             fp = dq.conditioned_call(fp_model, x, t, cond)
             q = dq.conditioned_call(qmodel, x, t, cond)
             errors.append(relative_mse(q, fp))
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
                    help="RECIPE:SETTING; reconstruction recipes (qdiffusion, dmq) also run, but they re-propagate "
                         "the calibration set per unit: hours at this size on 2 cores until issue #23")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (benchmarks/gpu_check.sh)")
+    p.add_argument("--name", default=None, help="results file stem (default: sd_pipeline[_tiny])")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(args.channels, args.context_dim, Path(tmp))
+    pipe = pipe.to(args.device)
     fp_unet = pipe.unet
     params = sum(p.numel() for p in fp_unet.parameters())
     texts = dq.read_prompts(None)
@@ -139,22 +143,26 @@ def main(argv=None) -> int:
         wbits, abits = dq.pipeline.parse_setting(setting)
         t0 = time.perf_counter()
         qmodel = dq.apply_recipe(fp_unet, calib, recipe, dq.QuantConfig(weight_bits=wbits, act_bits=abits),
-                                 recipe_config=recipe_options[recipe], batch_size=16)
+                                 recipe_config=recipe_options[recipe], batch_size=16, device=args.device)
         calib_s = time.perf_counter() - t0
         pipe.unet = qmodel
         q_latents = final_latents(pipe, eval_prompts, args.steps)
         pipe.unet = fp_unet
-        rows.append({"recipe": recipe, "setting": setting, "eps_rel_mse": teacher_forced_eps(qmodel, reference, fp_unet),
+        rows.append({"recipe": recipe, "setting": setting, "eps_rel_mse": teacher_forced_eps(qmodel, reference, fp_unet, args.device),
                      "latent_rel_mse": relative_mse(q_latents, fp_latents), "calib_s": round(calib_s, 1),
-                     "peak_rss_mb": round(peak_rss_mb()), "load_avg": os.getloadavg()[0]})
+                     "peak_rss_mb": round(peak_rss_mb()), "load_avg": os.getloadavg()[0],
+                     "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20)
+                     if str(args.device).startswith("cuda") else None})
         print(rows[-1], flush=True)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     results = {"model": {"unet_parameters": params, "channels": args.channels, "latent": [4, 32, 32],
                          "context": [77, args.context_dim]},
                "calibration": {"prompts": args.prompts, "steps": args.steps, "guidance": 7.5, "rows": len(calib),
                                "capture_s": round(capture_s, 1)},
-               "eval_prompts": eval_prompts, "threads": args.threads, "rows": rows, "command": command}
-    name = "sd_pipeline_tiny" if args.tiny else "sd_pipeline"
+               "eval_prompts": eval_prompts, "threads": args.threads, "device": args.device,
+               "device_name": torch.cuda.get_device_name(0) if str(args.device).startswith("cuda") else None,
+               "rows": rows, "command": command}
+    name = args.name or ("sd_pipeline_tiny" if args.tiny else "sd_pipeline")
     dq.jsonio.write_json(out / f"{name}.json", results)
     lines = [f"# Drop-in quantization of an SD-topology pipeline ({params / 1e6:.1f} M-parameter UNet, random weights)",
              "", f"Calibration: {args.prompts} prompts × {args.steps} DDIM steps × 2 CFG halves = {len(calib)} recorded "
