@@ -231,3 +231,34 @@ def test_seed_zero_is_the_single_seed_run(tmp_path, tiny_folder, monkeypatch):
     one = run_bench(_tiny_cfg(tiny_folder, tmp_path / "one", ["W4A8"]))["rows"][1]
     two = run_bench(_tiny_cfg(tiny_folder, tmp_path / "two", ["W4A8"], calib_seeds=2))["rows"][1]
     assert two["per_seed"][0]["eps_mse"] == one["eps_mse"] and "per_seed" not in one
+
+
+def test_leaderboard_sizes_each_recipe_to_the_budget_and_summarizes(tmp_path, tiny_folder, monkeypatch):
+    """benchmarks/leaderboard.py: two probe calibrations size the schedule (σ) of each recipe to the
+    budget, the sized specs run with K seeds in one bench run, and the summary table and plot are
+    written."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "leaderboard.py"
+    spec = importlib.util.spec_from_file_location("leaderboard", path)
+    board = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(board)
+    # the cost line: 1 s fixed + 100 s per unit of σ → a 4 s budget gives σ = 0.03
+    monkeypatch.setattr(board, "probe", lambda model, preset, setting, sigma, *a: 1.0 + 100.0 * sigma)
+    extra = '{"qdiffusion": "cali_st=2,cali_n=2,act_init_n=2,batch_size=2"}'
+    code = board.main(["--model", str(tiny_folder), "--presets", "naive", "qdiffusion", "--settings", "W8A8",
+                       "--budget-s", "4", "--calib-seeds", "2", "--calib-n", "2", "--steps", "2", "--n", "2",
+                       "--metrics", "--extra", extra, "--out", str(tmp_path / "lb")])
+    assert code == 0
+    plan = json.loads((tmp_path / "lb" / "plan.json").read_text())
+    sized = {r["spec"].split(":")[0]: r for r in plan["rows"]}
+    assert sized["naive"]["spec"] == "naive" and sized["qdiffusion"]["sigma"] == pytest.approx(0.03)
+    assert sized["qdiffusion"]["spec"].startswith("qdiffusion:iters_w=30,iters_a=15,")
+    board_json = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    rows = board_json["tables"][0]["rows"]
+    assert [r["recipe"] for r in rows if not r["recipe"].startswith("fp32")] == [r["spec"] for r in plan["rows"]]
+    assert all(r["calib_seeds"] == 2 for r in rows if not r["recipe"].startswith("fp32"))
+    assert (tmp_path / "lb" / "leaderboard.md").is_file() and (tmp_path / "lb" / "leaderboard.png").is_file()
+    assert board.fit_sigma({0.1: 100.0, 0.2: 110.0}, 50.0)[1]["over_budget"]  # fixed cost above the budget
