@@ -91,3 +91,18 @@ def test_write_results(setup, tmp_path):
     md = md_path.read_text()
     assert "| fid |" in md and "| psnr | inf |" in md and "| steps | 50 |" in md
     assert "toy / test / n=40" in md
+
+
+def test_every_result_records_the_cpus_instruction_set(monkeypatch):
+    """The same calibration gives other bits on another ISA: the record names the CPU's ISA
+    features and the switches that cap them."""
+    from pathlib import Path
+
+    from diffquant.eval.report import cpu_record
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    record = environment_record()
+    assert record["isa_switches"] == "ONEDNN_MAX_CPU_ISA=AVX2" and record["torch_threads"].isdigit()
+    info = Path("/proc/cpuinfo")
+    if info.is_file() and " avx2 " in info.read_text():
+        assert "avx2" in cpu_record()["isa"].split()

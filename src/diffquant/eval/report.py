@@ -31,8 +31,33 @@ ALL_METRICS = ("fid", "sfid", "precision", "recall", "accuracy", "mse", "psnr")
 INCEPTION_METRICS = {"fid", "sfid", "precision", "recall"}
 
 
+#: CPU features whose kernels give other float (and int8) results: recorded with every result
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "fma")
+#: environment switches that cap the kernels PyTorch and oneDNN dispatch to
+ISA_SWITCHES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def cpu_record() -> dict[str, str]:
+    """The CPU model, which of :data:`ISA_FLAGS` it has, the ISA switches set, and the threads:
+    the same calibration gives other bits on another instruction set (e.g. AVX2 vs AVX-512)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "isa": " ".join(f for f in ISA_FLAGS if f in flags) or "unknown",
+            "isa_switches": " ".join(f"{k}={os.environ[k]}" for k in ISA_SWITCHES if k in os.environ) or "none",
+            "torch_threads": str(torch.get_num_threads())}
+
+
 def environment_record() -> dict[str, str]:
-    """Versions of everything that can move a metric, plus the platform."""
+    """Versions of everything that can move a metric, plus the platform and the CPU's ISA."""
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
@@ -47,6 +72,7 @@ def environment_record() -> dict[str, str]:
         "numpy": np.__version__,
         "scipy": version("scipy"),
         "diffquant": version("diffquant"),
+        **cpu_record(),
     }
 
 
