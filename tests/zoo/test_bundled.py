@@ -62,7 +62,13 @@ def test_main_job_on_the_default_model_runs_end_to_end(tmp_path, monkeypatch, ca
     code = cli.main(["main", "--n", "4", "--steps", "4", "--no-fid", "--out", str(tmp_path / "main")])
     out = capsys.readouterr().out
     assert code == 0
-    rows = json.loads((tmp_path / "main" / "results.json").read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["FP32", "W8A8", "W4A8"]
+    from diffquant.pipeline import MAIN_CHOICE
+
+    results = json.loads((tmp_path / "main" / "results.json").read_text())
+    rows = results["rows"]
+    chosen = MAIN_CHOICE["recipe"]
+    assert [(r["setting"], r["recipe"]) for r in rows] == [
+        ("FP32", "-"), ("W8A8", "naive"), ("W8A8", chosen), ("W4A8", "naive"), ("W4A8", chosen)]
     assert all(0.0 <= r["class_acc"] <= 1.0 for r in rows)
-    assert "class_acc" in out and "comparison.png" in out
+    assert "class_acc" in out and "comparison.png" in out and f"recipe: {chosen}" in out
+    assert "columns: the same seeds and classes" in out  # class names label the grid's columns
