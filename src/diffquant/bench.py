@@ -177,6 +177,7 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
             "environment": environment_record(),
             "command": command,
             "commands": commands,
+            "resolution": resolution_pairs(rows, cfg.metrics),  # the resolved / not-resolved pairs
         }
         write_json(out / "results.json", results, indent=1, default=str)
         status = "" if complete else "\n\n(partial: the run has not finished every row yet)"
@@ -184,15 +185,13 @@ def run_bench(cfg: BenchConfig, device="cpu", assets=None) -> dict:
         spread = (f"{cfg.calib_seeds} calibration seeds per row: metrics are means, `_std` their standard "
                   "deviation, `_ci95` a bootstrap 95 % interval of the mean"
                   if cfg.calib_seeds > 1 else "one calibration seed per row (no seed interval)")
-        notes = resolution_notes(rows, cfg.metrics)
+        notes = resolution_notes(results["resolution"])
         (out / "results.md").write_text(
             f"# {bundle.name}: {title}\n\n"
             f"N = {cfg.n}, {cfg.scheduler} {cfg.steps} steps, η = {cfg.eta}, guidance {guidance}, "
             f"reference: {dataset} test ({'all' if cfg.ref_n is None else cfg.ref_n} images); {spread}."
             f"\n\n{rows_markdown(rows)}{status}\n\n{notes}{shown}\n"
         )
-        results["resolution"] = resolution_pairs(rows, cfg.metrics)
-        write_json(out / "results.json", results, indent=1, default=str)
         return results
 
     title = "; ".join(([f"{', '.join(cfg.recipes)} × {', '.join(cfg.settings)}"] if cfg.recipes else [])
@@ -288,11 +287,10 @@ def resolution_pairs(rows: list[dict], metrics: list[str]) -> dict:
     return out
 
 
-def resolution_notes(rows: list[dict], metrics: list[str]) -> str:
-    """The Markdown of :func:`resolution_pairs` (FID's floor from the disjoint-seed float row;
-    PSNR and ε-MSE are measured against the float model from the same noise, so no floor)."""
-    blocks = [resolution_markdown(v["pairs"], v["noise_floor"], metric)
-              for metric, v in resolution_pairs(rows, metrics).items()]
+def resolution_notes(pairs: dict) -> str:
+    """The Markdown of :func:`resolution_pairs`'s result (FID's floor from the disjoint-seed float
+    row; PSNR and ε-MSE are measured against the float model from the same noise, so no floor)."""
+    blocks = [resolution_markdown(v["pairs"], v["noise_floor"], metric) for metric, v in pairs.items()]
     return "".join(b + "\n\n" for b in blocks if b)
 
 

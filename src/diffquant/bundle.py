@@ -48,7 +48,7 @@ def denoiser_output_tensor(out: Any) -> Tensor:
     """The ε tensor from a denoiser's return value (Tensor, diffusers output, or tuple)."""
     if isinstance(out, Tensor):
         return out
-    if hasattr(out, "sample"):
+    if isinstance(getattr(out, "sample", None), Tensor):
         return out.sample
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]

@@ -5,6 +5,7 @@ each of those stays ignorant of the others.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -129,15 +130,11 @@ def quantize_bundle(bundle, recipe: "str | Recipe", quant: QuantConfig, calib: C
     """
     stages, recorded = as_recipe(recipe, recipe_config)
     if calib.max_memory_mb is not None:
-        import dataclasses
-
         if calib.max_memory_mb <= 0:
             raise ConfigError(f"max_memory_mb must be > 0, got {calib.max_memory_mb}")
         stages = dataclasses.replace(stages, engine=dataclasses.replace(stages.engine,
                                                                        cache_memory_mb=float(calib.max_memory_mb)))
     if seed_offset:
-        import dataclasses
-
         calib = dataclasses.replace(calib, seed=calib.seed + seed_offset * calib.n)
         stages = dataclasses.replace(stages, engine=dataclasses.replace(stages.engine,
                                                                        seed=stages.engine.seed + seed_offset))
@@ -201,8 +198,6 @@ def parse_recipe_spec(spec: str):
     overrides apply after the YAML file. Used by ``diffquant bench`` to put ablations and
     shortened schedules side by side in one table, each row labelled with its spec.
     """
-    import dataclasses
-
     import yaml
 
     head, _, overrides = spec.partition(":")

@@ -182,20 +182,10 @@ class MPQDMConfig:
             raise ConfigError(f"trd_loss must be one of {', '.join(TRD_LOSSES)}, got {self.trd_loss!r}")
         if self.lora_lr not in LORA_LR_MODES:
             raise ConfigError(f"lora_lr must be one of {', '.join(LORA_LR_MODES)}, got {self.lora_lr!r}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ConfigError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
-        for name in ("stage1_batch", "batch_size", "trd_n"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lora_rank", "epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1 (or None), got {self.steps}")
+        # numeric ranges (smooth_alpha, batches, epochs, steps, trd_tau, ...) come with the stage
+        # defaults (default_of) and are checked by @checked
         if self.pool_n is not None and self.pool_n < 1:
             raise ConfigError(f"pool_n must be >= 1 (or None), got {self.pool_n}")
-        if self.trd_tau <= 0 or self.lora_lr_divisor <= 0:
-            raise ConfigError("trd_tau and lora_lr_divisor must be > 0")
 
     @property
     def recipe_name(self) -> str:

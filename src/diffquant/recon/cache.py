@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..bundle import denoiser_output_tensor
 from ..calib.calls import CalibrationCalls, DenoiserCall, default_call  # noqa: F401 (re-exported: public here)
 from ..calib.stop import run_stoppable, stop_forward
 from ..errors import ConfigError, DiffquantError
@@ -247,13 +248,11 @@ class CallRecord:
 
 def first_tensor(output: Any) -> Tensor:
     """The tensor a unit returns (the first one when it returns a tuple or a diffusers output)."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "sample") and isinstance(output.sample, Tensor):
-        return output.sample
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise DiffquantError(f"cannot take a reconstruction target from a unit returning {type(output).__name__}")
+    try:
+        return denoiser_output_tensor(output)
+    except TypeError:
+        raise DiffquantError(f"cannot take a reconstruction target from a unit returning "
+                             f"{type(output).__name__}") from None
 
 
 @dataclass
