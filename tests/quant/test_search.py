@@ -201,25 +201,66 @@ def test_edadm_side_argument_overrides_data():
         edadm_grid_range(x, GridSpec(4, "asymmetric"), None, side="up")
 
 
-def test_edadm_subsample_is_deterministic_and_bounded(monkeypatch):
-    x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(9))
-    spec = GridSpec(8, "asymmetric")
+def _exhaustive_2d(x, spec, channel_axis=None):
+    """Every one of the 2^b × 100 candidates scored on every element (the search before bisection)."""
+    rows = search.channel_rows(x, channel_axis)
+    lo, hi = search.edadm_candidates(rows, spec, "two", False)
+    best = search.first_argmin(search.lp_scores(rows, lo, hi, spec, p=P, include_zero=True))
+    return search.pick(lo, best), search.pick(hi, best)
+
+
+@pytest.mark.parametrize("bits,axis", [(4, None), (8, None), (4, 0), (6, 1)])
+def test_edadm_2d_bisection_finds_the_exhaustive_first_minimiser(bits, axis):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.randn(600, generator=gen), torch.rand(200, generator=gen) * 6 - 1]).reshape(8, 100)
+    spec = GridSpec(bits, "asymmetric")
+    found = edadm_grid_range(x, spec, axis, bins=None)
+    expected = _exhaustive_2d(x, spec, axis)
+    if axis is None:
+        expected = (expected[0].reshape(()), expected[1].reshape(()))
+    assert_same_range(found, expected)
+
+
+def _lp_error(x, lo, hi, spec, include_zero):
+    rows = search.channel_rows(x, None)
+    return search.lp_scores(rows, lo.reshape(1, 1), hi.reshape(1, 1), spec, p=P, include_zero=include_zero).item()
+
+
+@pytest.mark.parametrize("kind", ["gauss", "laplace", "silu", "cubed"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_histogram_scoring_picks_a_range_as_good_as_scoring_every_element(kind, bits):
+    gen = torch.Generator().manual_seed(bits)
+    base = torch.randn(40_000, generator=gen)
+    x = {"gauss": base, "laplace": torch.sign(base) * torch.rand(40_000, generator=gen).log().neg(),
+         "silu": torch.nn.functional.silu(2 * base), "cubed": base ** 3}[kind]
+    spec = GridSpec(bits, "asymmetric")
+    for name, fn, zero in [("lp_shrink", lp_shrink_range, False), ("edadm_grid", edadm_grid_range, True)]:
+        exact = _lp_error(x, *fn(x, spec, None, bins=None), spec, zero)
+        fast = _lp_error(x, *fn(x, spec, None), spec, zero)  # 4,096 bins for 40,000 elements
+        assert fast <= exact * 1.002, (name, fast, exact)
+
+
+def test_histogram_cost_is_bounded_and_small_rows_are_scored_exactly(monkeypatch):
     seen = []
     original = search.lp_scores
 
     def spy(rows, lo, hi, *args, **kwargs):
-        seen.append((rows.shape[1], lo.shape[0]))
+        seen.append((rows.shape[1], lo.shape[0], kwargs.get("weights") is not None))
         return original(rows, lo, hi, *args, **kwargs)
 
     monkeypatch.setattr(search, "lp_scores", spy)
-    first = edadm_grid_range(x, spec, None, max_elements=1000)
-    second = edadm_grid_range(x, spec, None, max_elements=1000)
-    assert seen == [(1000, 25600), (1000, 25600)]
-    assert first[0] == second[0] and first[1] == second[1]
-    # the default budget bounds candidates x elements
-    edadm_grid_range(x, spec, None)
-    n, k = seen[-1]
-    assert k == 25600 and n * k <= search.EDADM_EVAL_BUDGET + k
-    # no subsampling when everything fits: the 1-D search scores all 8,192 elements
-    edadm_grid_range(x.abs(), spec, None)
-    assert seen[-1] == (x.numel(), 100)
+    spec = GridSpec(8, "asymmetric")
+    big = torch.randn(4, 8, 32, 32, generator=torch.Generator().manual_seed(9))  # 32,768 elements
+    edadm_grid_range(big, spec, None)
+    # histogram of 4,096 bins; 2 · 100 candidates per bisection round (8 rounds for 256 zero points) + the final one
+    assert all(cols == search.HISTOGRAM_BINS and weighted for cols, _, weighted in seen)
+    assert sum(k for _, k, _ in seen) == 100 * (2 * 8 + 1)
+    seen.clear()
+    lp_shrink_range(big, spec, None)
+    assert seen == [(search.HISTOGRAM_BINS, 80, True)]
+    seen.clear()
+    weights = torch.randn(16, 3, 3, 3)  # 27 elements per output channel: scored exactly
+    edadm_grid_range(weights, spec, 0)
+    assert all(cols == 27 and not weighted for cols, _, weighted in seen)
+    with pytest.raises(ConfigError):
+        lp_shrink_range(big, spec, None, bins=1)

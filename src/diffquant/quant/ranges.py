@@ -23,8 +23,8 @@ def validate_policy(policy: str) -> str:
 
 #: Keyword options each search policy accepts through ``UniformQuantizer(init_options=...)``.
 SEARCH_OPTIONS = {
-    "lp_shrink": ("p", "candidates", "shrink", "zero_anchored", "max_elements"),
-    "edadm_grid": ("p", "side", "symmetric", "max_elements"),
+    "lp_shrink": ("p", "candidates", "shrink", "zero_anchored", "bins"),
+    "edadm_grid": ("p", "side", "symmetric", "bins"),
 }
 
 

@@ -11,10 +11,16 @@ returned range reproduces the chosen step and zero point exactly:
 
 Per-channel searches are independent per channel but vectorised over channels *and* candidates;
 memory is bounded by processing candidates in chunks of at most ``CHUNK_ELEMENTS`` values.
+
+Cost (docs/methods.md §1.2, "Search cost"): a row with more than ``bins`` elements is scored on
+its histogram — ``bins`` equal-width bins over [min, max], each represented by the mean of its
+elements and weighted by their count — so a search costs one pass over the data plus
+candidates × bins, whatever the batch. Rows with at most ``bins`` elements (most weight
+channels) are scored exactly. EDA-DM's 2-D search does not score all 2^b zero points of a width:
+for a fixed step the error of every element is a discretely convex function of the zero point,
+so their sum is too and a bisection finds its first minimiser in log₂(2^b) steps.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -25,12 +31,8 @@ from .affine import GridSpec, qparams_from_range
 #: Max number of values in one [candidates, channels, elements] chunk (float32: 1 MiB, so a
 #: chunk stays in cache; larger chunks were slower in measurements on a 2-core CPU).
 CHUNK_ELEMENTS = 1 << 18
-#: Default work bound (candidates × elements per channel) of ``edadm_grid_range``; above it the
-#: elements are subsampled (see ``max_elements``). 2^27 ≈ 1.3e8 keeps an 8-bit 2-D search on a
-#: large activation tensor around a second on a 2-core CPU.
-EDADM_EVAL_BUDGET = 1 << 27
-#: Seed of the deterministic subsample.
-SUBSAMPLE_SEED = 0
+#: Histogram bins a row is scored on when it has more elements (``bins`` option; None: exact).
+HISTOGRAM_BINS = 4096
 SIDES = ("pos", "neg", "two")
 EDADM_STEPS = 100
 
@@ -54,15 +56,23 @@ def channel_rows(x: Tensor, channel_axis: int | None) -> Tensor:
     return x.movedim(channel_axis % x.dim(), 0).reshape(x.shape[channel_axis], -1)
 
 
-def subsample_columns(rows: Tensor, max_elements: int | None) -> Tensor:
-    """Keep at most ``max_elements`` columns of ``rows`` ([C, N]), the same random positions
-    (fixed seed, without replacement) for every row; unchanged when N is small enough."""
-    n = rows.shape[1]
-    if max_elements is None or n <= max_elements:
-        return rows
-    gen = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
-    idx = torch.randperm(n, generator=gen)[:max_elements].sort().values
-    return rows[:, idx.to(rows.device)]
+def histogram_rows(rows: Tensor, bins: int | None) -> tuple[Tensor, Tensor | None]:
+    """``rows`` [C, N] as (values, weights) to score on: the rows themselves (weights None) when
+    N ≤ ``bins`` or ``bins`` is None, else per row ``bins`` equal-width bins over [min, max], each
+    holding the mean of its elements (0 when empty) and weighted by their count."""
+    c, n = rows.shape
+    if bins is None or n <= bins:
+        return rows, None
+    lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+    scale = bins / (hi - lo).clamp_min(torch.finfo(rows.dtype).tiny)
+    index = ((rows - lo) * scale).to(torch.int32).clamp_(0, bins - 1)  # truncation = floor: x − lo ≥ 0
+    index += torch.arange(c, dtype=torch.int32, device=rows.device).reshape(-1, 1) * bins  # one pass for all rows
+    flat = index.reshape(-1)
+    counts = torch.bincount(flat, minlength=c * bins).reshape(c, bins).double()
+    sums = torch.zeros(c * bins, dtype=torch.float64, device=rows.device).index_add_(
+        0, flat, rows.reshape(-1).double()).reshape(c, bins)
+    values = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums)).to(rows.dtype)
+    return values, counts.to(rows.dtype)
 
 
 def lp_scores(
@@ -74,10 +84,12 @@ def lp_scores(
     p: float,
     include_zero: bool,
     clamp_zero_point: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """mean |x − Q(x)|^p per candidate and channel: rows [C, N], lo/hi [K, C] → scores [K, C].
 
-    Q(x) equals the quantizer's forward bit for bit (z is an integer in every search).
+    Q(x) equals the quantizer's forward bit for bit (z is an integer in every search). With
+    ``weights`` [C, N] (a histogram's counts) the mean is weighted.
     """
     step, zero = qparams_from_range(
         lo, hi, spec, include_zero=include_zero, clamp_zero_point=clamp_zero_point
@@ -97,7 +109,7 @@ def lp_scores(
         q = torch.maximum(q, low[part, :, None], out=q)
         q = torch.minimum(q, high[part, :, None], out=q)
         q.mul_(s).sub_(rows).abs_().pow_(p)
-        scores.append(q.mean(dim=-1))
+        scores.append(q.mean(dim=-1) if weights is None else (q * weights).sum(dim=-1) / weights.sum(dim=-1))
     return torch.cat(scores, dim=0)
 
 
@@ -127,7 +139,7 @@ def lp_shrink_range(
     zero_anchored: bool | None = None,
     *,
     clamp_zero_point: bool = True,
-    max_elements: int | None = None,
+    bins: int | None = HISTOGRAM_BINS,
 ) -> tuple[Tensor, Tensor]:
     """LAPQ-style shrinking search (Q-Diffusion ``mse``): for i = 0…candidates−1 try
     (1 − shrink·i)·[min x, max x] and keep the first range with the smallest mean |x − Q(x)|^p.
@@ -137,8 +149,8 @@ def lp_shrink_range(
     max|x|, returned as [−A_i, A_i]. Per channel (``channel_axis`` set) each channel is searched
     independently. Returns (lo, hi): 0-d tensors per tensor, [C] per channel, such that
     ``qparams_from_range(lo, hi, spec, include_zero=False, clamp_zero_point=clamp_zero_point)``
-    gives the chosen step and zero point. ``max_elements`` optionally scores on a fixed-seed
-    subsample of that many elements per channel (default: all elements, as the official code).
+    gives the chosen step and zero point. Rows longer than ``bins`` are scored on their
+    histogram (module docstring); ``bins=None`` scores every element, as the official code.
     """
     if candidates < 1:
         raise ConfigError(f"lp_shrink needs at least one candidate, got {candidates}")
@@ -157,10 +169,9 @@ def lp_shrink_range(
         lo = torch.zeros_like(hi)
     else:
         lo, hi = factors * x_min, factors * x_max
-    scores = lp_scores(
-        subsample_columns(rows, max_elements), lo, hi, spec,
-        p=p, include_zero=False, clamp_zero_point=clamp_zero_point,
-    )
+    values, weights = histogram_rows(rows, _checked_bins(bins))
+    scores = lp_scores(values, lo, hi, spec, p=p, include_zero=False, clamp_zero_point=clamp_zero_point,
+                       weights=weights)
     best = first_argmin(scores)
     return _shape_result(pick(lo, best).float(), pick(hi, best).float(), channel_axis)
 
@@ -193,6 +204,50 @@ def edadm_candidates(
     return lo.reshape(-1, c), hi.reshape(-1, c)
 
 
+def _checked_bins(bins: int | None) -> int | None:
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 2):
+        raise ConfigError(f"histogram bins must be an integer >= 2 or null (exact), got {bins!r}")
+    return bins
+
+
+def _bisect_zero_points(values: Tensor, weights: Tensor | None, lo: Tensor, hi: Tensor, spec: GridSpec, *,
+                        p: float, clamp_zero_point: bool) -> tuple[Tensor, Tensor]:
+    """The first minimiser over the zero points of each width of EDA-DM's 2-D candidates.
+
+    ``lo``/``hi`` [W·Z, C] are i-major (:func:`edadm_candidates`): Z = 2^b zero points per width.
+    For one step δ an element's error |x − Q(x)|^p is constant while it is inside the clipping
+    range and grows convexly with the distance once clipped, so as a function of the integer zero
+    point it is discretely convex, and so is the mean. Bisection on the sign of f(z+1) − f(z)
+    (ties go left) finds the first minimiser of every (width, channel) at once in ⌈log₂ Z⌉ rounds
+    of 2·W candidates. Returns (scores [W, C], index [W, C] into the flat candidate list).
+    """
+    z_count = spec.levels + 1
+    widths = lo.shape[0] // z_count
+    c = lo.shape[1]
+    lo3, hi3 = lo.reshape(widths, z_count, c), hi.reshape(widths, z_count, c)
+
+    def score(*zs: Tensor) -> Tensor:  # each z [W, C] → f(z) [W, C], all stacked on dim 0 in one scoring
+        cand_lo = torch.cat([lo3.gather(1, z.unsqueeze(1)).squeeze(1) for z in zs])
+        cand_hi = torch.cat([hi3.gather(1, z.unsqueeze(1)).squeeze(1) for z in zs])
+        return lp_scores(values, cand_lo, cand_hi, spec, p=p, include_zero=True, clamp_zero_point=clamp_zero_point,
+                         weights=weights)
+
+    left = torch.zeros(widths, c, dtype=torch.long, device=lo.device)
+    right = torch.full_like(left, z_count - 1)
+    while bool((left < right).any()):
+        mid = (left + right) // 2
+        nxt = torch.minimum(mid + 1, right)
+        both = score(mid, nxt)
+        f_mid, f_next = both[:widths], both[widths:]
+        active = left < right
+        go_right = active & (f_next < f_mid)
+        left = torch.where(go_right, mid + 1, left)
+        right = torch.where(active & ~go_right, mid, right)
+    best_scores = score(left)
+    flat = torch.arange(widths, device=lo.device).reshape(-1, 1) * z_count + left
+    return best_scores, flat
+
+
 def edadm_grid_range(
     x: Tensor,
     spec: GridSpec,
@@ -202,7 +257,7 @@ def edadm_grid_range(
     symmetric: bool = False,
     *,
     clamp_zero_point: bool = True,
-    max_elements: int | None = None,
+    bins: int | None = HISTOGRAM_BINS,
 ) -> tuple[Tensor, Tensor]:
     """EDA-DM's 1-D / 2-D range search (see :func:`edadm_candidates`), scored with mean
     |x − Q(x)|^p per channel (weights) or per tensor, first minimiser kept.
@@ -212,21 +267,22 @@ def edadm_grid_range(
     Each candidate becomes (s, z) by widening to contain 0, s = (M⁺−m⁻)/(2^b−1),
     z = clamp(−⌊m⁻/s⌉, 0, 2^b−1), i.e. ``qparams_from_range(lo, hi, spec)``.
 
-    Cost is candidates × elements per channel (25,600 candidates at 8 bit in 2-D). When that
-    exceeds ``EDADM_EVAL_BUDGET`` the scores are computed on a fixed-seed random subsample of
-    ``max_elements`` elements per channel (default: budget / candidates, e.g. 5,243 for the 8-bit
-    2-D search, 1.3 M for the 1-D search); min and max still come from all elements.
+    The 2-D search (25,600 candidates at 8 bit) bisects over the zero points of each width
+    (:func:`_bisect_zero_points`), 1,700 candidates scored instead; rows longer than ``bins`` are
+    scored on their histogram (module docstring), ``bins=None`` scores every element.
     """
     side = data_side(x) if side is None else side
     if side not in SIDES:
         raise ConfigError(f"edadm_grid side must be one of {SIDES}, got {side!r}")
     rows = channel_rows(x, channel_axis)
     lo, hi = edadm_candidates(rows, spec, side, symmetric)
-    if max_elements is None:
-        max_elements = max(1, math.ceil(EDADM_EVAL_BUDGET / lo.shape[0]))
-    scores = lp_scores(
-        subsample_columns(rows, max_elements), lo, hi, spec,
-        p=p, include_zero=True, clamp_zero_point=clamp_zero_point,
-    )
-    best = first_argmin(scores)
+    values, weights = histogram_rows(rows, _checked_bins(bins))
+    two_d = side == "two" and not symmetric and spec.grid == "asymmetric"
+    if two_d:
+        per_width, flat = _bisect_zero_points(values, weights, lo, hi, spec, p=p, clamp_zero_point=clamp_zero_point)
+        best = flat.gather(0, first_argmin(per_width).reshape(1, -1)).reshape(-1)
+    else:
+        scores = lp_scores(values, lo, hi, spec, p=p, include_zero=True, clamp_zero_point=clamp_zero_point,
+                           weights=weights)
+        best = first_argmin(scores)
     return _shape_result(pick(lo, best).float(), pick(hi, best).float(), channel_axis)
