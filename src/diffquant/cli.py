@@ -91,8 +91,11 @@ def _run_quantize(args) -> int:
         out=args.out, assets=args.assets, device=args.device, recipe_config_path=args.recipe_config,
         work_dir=args.work_dir,
     )
-    print(result.summary)
-    print(f"saved to {result.path}")
+    from .diffusion.distributed import dist_info
+
+    if dist_info().is_main:
+        print(result.summary)
+        print(f"saved to {result.path}")
     return 0
 
 

@@ -40,10 +40,11 @@ def dumps(obj: Any, **kwargs) -> str:
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, **kwargs) -> Path:
     """Write ``obj`` as strict JSON to ``path`` atomically (temporary file, then rename), so an
-    interruption never leaves a half-written file."""
+    interruption never leaves a half-written file. The temporary name carries the process id, so
+    processes writing the same file at once (ranks under torchrun) never rename each other's."""
     path = Path(path)
     text = dumps(obj, indent=indent, **kwargs) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .diffusion import distributed
 from .config import QuantConfig, from_dict, load_yaml, parse_yaml, save_yaml, to_dict, checked
 from .errors import ConfigError
 from .fsutil import check_writable_dir
@@ -274,17 +275,27 @@ def quantize_model(*, model: str, recipe: str, wbits: int, abits: int, config_pa
     quant = build_quant_config(wbits, abits, config_path, split)
     check_writable_dir(out)
     work_dir = work_dir or str(Path(out) / "work")
+    # under torchrun every rank runs the recipe (reconstruction and fine-tuning on its shard of the
+    # calibration set, gradients summed; docs/methods.md §1.6) and rank 0 writes
+    info = distributed.init_from_env(device)
+    device = distributed.device_for_rank(device, info)
     bundle = load_model(model, assets=assets, device=device)
-    claim_work_dir(work_dir, {"model": model, "recipe": recipe, "recipe_config": recipe_dict(recipe_config),
-                              "quant": to_dict(quant), "calib": calib_protocol(calib)})
+    if info.is_main:
+        claim_work_dir(work_dir, {"model": model, "recipe": recipe, "recipe_config": recipe_dict(recipe_config),
+                                  "quant": to_dict(quant), "calib": calib_protocol(calib)})
+    distributed.barrier()
     result = quantize_bundle(bundle, recipe, quant, calib, device, recipe_config=recipe_config,
                              work_dir=work_dir)
-    result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib), "timings": result.timings})
-    save_yaml(calib, Path(out) / "calib.yaml")
-    if isinstance(recipe_config, Recipe):
-        recipe_config.save(Path(out) / "recipe.yaml")
-    else:
-        save_yaml(recipe_config, Path(out) / "recipe.yaml")
+    result.path = Path(out)
+    if info.is_main:
+        result.path = save(result.qmodel, out, extra={"model": model, "calib": to_dict(calib),
+                                                      "timings": result.timings, "world_size": info.world_size})
+        save_yaml(calib, Path(out) / "calib.yaml")
+        if isinstance(recipe_config, Recipe):
+            recipe_config.save(Path(out) / "recipe.yaml")
+        else:
+            save_yaml(recipe_config, Path(out) / "recipe.yaml")
+    distributed.barrier()
     return result
 
 

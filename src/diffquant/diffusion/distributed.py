@@ -115,3 +115,40 @@ def all_agree(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.long, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (every rank gets the sum); unchanged when single-process."""
+    if not dist_info().is_distributed:
+        return tensor
+    device = _collective_device()
+    buffer = tensor.detach().to(device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    tensor.copy_(buffer.to(tensor.device))
+    return tensor
+
+
+def sum_gradients(params: list[torch.Tensor]) -> None:
+    """Replace every parameter's ``.grad`` by its sum over all ranks (data parallelism by hand).
+
+    One flattened all-reduce for all parameters; a parameter without a gradient on this rank (its
+    share of the batch was empty) contributes zeros, so every rank takes part in the same call.
+    """
+    if not dist_info().is_distributed or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    all_reduce_sum(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def global_to_local(index: torch.Tensor, shard: range) -> torch.Tensor:
+    """The positions inside this rank's contiguous ``shard`` of those global sample indices that fall in it."""
+    inside = (index >= shard.start) & (index < shard.stop)
+    return index[inside] - shard.start

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..diffusion import distributed
 from ..errors import CheckpointError, ConfigError
 from ..model.qmodel import QuantModel
 from ..model.resume import ResumeCheckpoint
@@ -230,6 +231,8 @@ class FinetuneCheckpoint:
         """Checkpoint after ``epoch`` — only when ``min_interval_s`` have passed since the last one
         (a resumed run redoes the epochs after it: each draws its data from its own seed)."""
         self.extra.update(extra or {})
+        if not distributed.dist_info().is_main:  # ranks hold identical states: rank 0 writes it
+            return
         if time.monotonic() - self._last_write < self.min_interval_s:
             return
         opt_state, tensors = None, {}
@@ -260,6 +263,16 @@ def guided_eps(bundle, model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | 
     return uncond + guidance * (cond - uncond)
 
 
+def _my_rows(batch: int) -> range | None:
+    """This rank's block of a fine-tuning batch under torch.distributed, else None."""
+    info = distributed.dist_info()
+    if not info.is_distributed:
+        return None
+    if batch < info.world_size:
+        raise ConfigError(f"a fine-tuning batch of {batch} cannot be shared by {info.world_size} processes")
+    return distributed.shard_indices(batch, info.rank, info.world_size)
+
+
 class SampledTrajectories:
     """The paper's source: fresh DDIM trajectories of the float model, one batch per epoch, with
     random class labels and classifier-free guidance (``bundle`` gives scheduler and shapes)."""
@@ -284,8 +297,12 @@ class SampledTrajectories:
         labels = None
         if bundle.is_conditional:
             labels = torch.randint(0, int(bundle.num_classes), (options.batch_size,), generator=gen).to(self.device)
-        x = (torch.randn(options.batch_size, *bundle.sample_shape, generator=gen) * self.sched.init_noise_sigma
-             ).to(self.device)
+        x = torch.randn(options.batch_size, *bundle.sample_shape, generator=gen) * self.sched.init_noise_sigma
+        rows = _my_rows(options.batch_size)  # under torch.distributed each rank follows its block of the batch
+        if rows is not None:
+            x = x[rows.start:rows.stop]
+            labels = None if labels is None else labels[rows.start:rows.stop]
+        x = x.to(self.device)
         for k, t in enumerate(self.sched.timesteps):
             xin = self.sched.scale_model_input(x, t)
             yield k, lambda model, xin=xin, t=t: guided_eps(bundle, model, xin, t, labels, options.guidance)
@@ -315,6 +332,9 @@ class RecordedTrajectories:
         options, cs = self.options, self.calib_set
         gen = torch.Generator().manual_seed(options.seed + epoch)
         order = torch.randperm(len(self.trajectories), generator=gen)[: options.batch_size]
+        rows = _my_rows(len(order))  # under torch.distributed each rank follows its block of the batch
+        if rows is not None:
+            order = order[rows.start:rows.stop]
         chosen = torch.tensor([self.trajectories[i] for i in order.tolist()])
         for k in sorted(set(cs.steps.tolist())):
             rows = ((cs.steps == k) & torch.isin(cs.sample_ids, chosen)).nonzero().flatten()
@@ -360,7 +380,8 @@ def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str],
             raise ConfigError(f"TRD feature module {feature!r} does not exist in the model") from None
         window = TRDWindow(options.trd_n, options.trd_grad, options.trd_loss, options.trd_tau, options.trd_weight)
     total = (options.epochs - start_epoch) * len(timesteps)
-    bar = tqdm(total=total, desc="fine-tuning", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="fine-tuning", disable=not progress or not distributed.dist_info().is_main,
+               leave=False)
     fp_model.eval()
     qmodel.eval()
     try:
@@ -391,6 +412,9 @@ def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str],
                 source.eps_fp = eps_fp
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4g}")
+            if distributed.dist_info().is_distributed:  # the losses of the whole batch, as one process reports
+                eps_sum, trd_sum = distributed.all_reduce_sum(torch.tensor([eps_sum, trd_sum],
+                                                                           dtype=torch.float64)).tolist()
             history.append({"epoch": epoch, "eps_loss": eps_sum / len(timesteps), "trd_loss": trd_sum})
             if checkpoint is not None:
                 checkpoint.save(qmodel, epoch + 1, history, optimizer, scheduler)
@@ -406,9 +430,13 @@ def finetune(qmodel: QuantModel, fp_model: nn.Module, bundle, layers: list[str],
 
 
 def _update(loss: Tensor, optimizer, scheduler) -> None:
+    """One step; under torch.distributed the loss is each rank's sum over its block of the batch,
+    so summing the gradients over ranks gives exactly the whole batch's gradient."""
     optimizer.zero_grad(set_to_none=True)
     if loss.requires_grad:
         loss.backward()
+    if distributed.dist_info().is_distributed:
+        distributed.sum_gradients([p for g in optimizer.param_groups for p in g["params"] if p.requires_grad])
     optimizer.step()
     scheduler.step()
 

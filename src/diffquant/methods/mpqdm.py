@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..diffusion import distributed
 from ..calib.cache import TrajectoryCache
 from ..calib.select import CalibrationSet
 from ..config import QuantConfig, checked, default_of, knob
@@ -286,7 +287,7 @@ def _mixed_layers(qmodel: QuantModel, ctx: StageContext) -> list[str]:
 def _keep_records(qmodel: QuantModel, ctx: StageContext) -> None:
     qmodel.mpq_records = {"coverage": ctx.shared.get("coverage"), "stage1": ctx.shared.get("stage1", []),
                           "history": ctx.shared.get("history", [])}
-    if ctx.work_dir is not None:
+    if ctx.work_dir is not None and distributed.dist_info().is_main:
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         write_json(ctx.work_dir / "mpqdm_records.json", qmodel.mpq_records, indent=1, default=float)
     qmodel.clear_weight_cache()

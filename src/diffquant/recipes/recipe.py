@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..diffusion import distributed
 from ..config import QuantConfig, from_dict, to_dict
 from ..errors import ConfigError
 from .registry import STAGES
@@ -280,7 +281,7 @@ def run_recipe(qmodel, recipe: Recipe, ctx: StageContext | None = None, *, recip
     qmodel.recipe = recipe.name
     qmodel.recipe_config = recipe.to_dict() if recipe_config is None else recipe_config
     qmodel.recon_records = [r.to_dict() for r in ctx.records]
-    if ctx.work_dir is not None and passes:
+    if ctx.work_dir is not None and passes and distributed.dist_info().is_main:
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         write_json(ctx.work_dir / "records.json", qmodel.recon_records, indent=1)
     for stage in active:

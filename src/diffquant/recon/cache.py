@@ -43,6 +43,9 @@ from .state import quant_state
 from ..config import checked
 
 STORAGES = ("auto", "memory", "disk")
+#: how the unit inputs of a pass are produced: ``auto`` one propagation through the units when the
+#: paused forwards fit the memory limit (:mod:`.propagate`), else ``rerun`` (each cache from the input)
+PROPAGATIONS = ("auto", "rerun")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INPUT_KINDS = ("q", "fp")
 
@@ -64,6 +67,7 @@ class CacheOptions:
     directory: str | None = None
     #: calibration samples per forward while capturing
     batch_size: int = 64
+    propagation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in CACHE_DTYPES:
@@ -74,6 +78,8 @@ class CacheOptions:
             raise ConfigError(f"cache memory limit must be > 0 MB, got {self.memory_limit_mb}")
         if self.batch_size < 1:
             raise ConfigError(f"cache batch size must be >= 1, got {self.batch_size}")
+        if self.propagation not in PROPAGATIONS:
+            raise ConfigError(f"cache propagation must be one of {', '.join(PROPAGATIONS)}, got {self.propagation!r}")
 
 
 class _Budget:
@@ -280,9 +286,7 @@ class UnitCache:
 
     def random_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
         """Endless index batches of ``min(batch_size, N)`` distinct random samples each."""
-        b = min(batch_size, self.n)
-        while True:
-            yield torch.randperm(self.n, generator=generator)[:b]
+        return random_batches(self.n, batch_size, generator)
 
     @property
     def nbytes(self) -> int:
@@ -298,6 +302,13 @@ class UnitCache:
         self.q_inputs = self.fp_inputs = None
         if self._budget is not None:
             self._budget.close()
+
+
+def random_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless batches of ``min(batch_size, n)`` distinct random indices of ``range(n)`` each."""
+    b = min(batch_size, n)
+    while True:
+        yield torch.randperm(n, generator=generator)[:b]
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -403,3 +414,29 @@ def build_unit_cache(
                      batch_size=options.batch_size)
     return UnitCache(unit_name, n, stored["targets"], stored["dtype"], data.timesteps.detach().cpu().clone(),
                      q_inputs=q_record, fp_inputs=fp_record, _budget=budget)
+
+
+def cache_from_propagation(unit_name: str, data: CalibrationCalls, fp, q, *, keep: tuple[str, ...],
+                           options: CacheOptions | None = None) -> UnitCache:
+    """The cache of the unit both propagations (:class:`~diffquant.recon.propagate.Propagation`)
+    are paused at: x_in^fp and x_in^q from their paused calls, y^fp by letting the float one run
+    through the unit (it then waits at the next unit). ``q`` may be None when ``keep`` has no ``q``."""
+    options = options or CacheOptions()
+    n = len(data)
+    budget = _Budget(options)
+    storage_dtype = CACHE_DTYPES[options.dtype]
+    records: dict[str, CallRecord] = {}
+    for kind, prop in (("fp", fp), ("q", q)):
+        if kind in keep:
+            records[kind] = CallRecord(n, storage_dtype, budget)
+            for index, args, kwargs in prop.calls():
+                records[kind].write(index, args, kwargs)
+    targets, target_dtype = None, None
+    for fwd, y in fp.advance():
+        y = first_tensor(y)
+        if targets is None:
+            target_dtype = y.dtype
+            targets = TensorStore(n, tuple(y.shape[1:]), storage_dtype if y.is_floating_point() else y.dtype, budget)
+        targets.write(fwd.index, y)
+    return UnitCache(unit_name, n, targets, target_dtype, data.timesteps.detach().cpu().clone(),
+                     q_inputs=records.get("q"), fp_inputs=records.get("fp"), _budget=budget)

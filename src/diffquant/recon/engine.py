@@ -16,6 +16,7 @@ weights, initial activation ranges — and after it has been hardened; these are
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -29,7 +30,10 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.quantizer import UniformQuantizer
-from .cache import CacheOptions, CalibrationCalls, UnitCache, build_unit_cache, first_tensor
+from ..diffusion import distributed
+from .cache import (CacheOptions, CalibrationCalls, UnitCache, build_unit_cache, cache_from_propagation, first_tensor,
+                    random_batches)
+from .propagate import Propagation, PropagationUnavailable, frontier_bytes
 from .loss import lp_loss
 from .progress import ReconProgress
 from .state import quant_state
@@ -164,6 +168,12 @@ def _set_quantizer_training(unit: Unit, on: bool) -> None:
 @torch.no_grad()
 def evaluate_unit(unit: Unit, cache: UnitCache, recon_pass: ReconPass, index: Tensor, device) -> float:
     """Mean reconstruction loss of the unit on the cached samples at ``index``."""
+    total, count = _loss_sum(unit, cache, recon_pass, index, device)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _loss_sum(unit: Unit, cache: UnitCache, recon_pass: ReconPass, index: Tensor, device) -> tuple[float, int]:
     _set_quantizer_training(unit, False)
     total, count = 0.0, 0
     for chunk in index.split(recon_pass.batch_size):
@@ -171,7 +181,15 @@ def evaluate_unit(unit: Unit, cache: UnitCache, recon_pass: ReconPass, index: Te
         pred = first_tensor(unit.module(*args, **kwargs))
         total += float(recon_pass.rec_loss(unit, pred, cache.target(chunk, device))) * len(chunk)
         count += len(chunk)
-    return total / max(count, 1)
+    return total, count
+
+
+def _evaluate_sharded(unit: Unit, cache: UnitCache, recon_pass: ReconPass, index: Tensor, device,
+                      shard: range) -> float:
+    """:func:`evaluate_unit` over the global ``index`` when each rank caches only its ``shard``."""
+    total, count = _loss_sum(unit, cache, recon_pass, distributed.global_to_local(index, shard), device)
+    sums = distributed.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
+    return float(sums[0]) / max(float(sums[1]), 1.0)
 
 
 def eval_indices(n: int, m: int) -> Tensor:
@@ -193,33 +211,140 @@ def _fork_devices(device) -> list:
     return [dev.index or 0] if dev.type == "cuda" else []
 
 
+def _shard_of(data: CalibrationCalls) -> range | None:
+    """This rank's contiguous block of the calibration set under torch.distributed, else None."""
+    info = distributed.dist_info()
+    if not info.is_distributed:
+        return None
+    if len(data) < info.world_size:
+        raise ConfigError(f"{len(data)} calibration samples cannot be shared by {info.world_size} processes")
+    return distributed.shard_indices(len(data), info.rank, info.world_size)
+
+
+def _local(data: CalibrationCalls, shard: range | None) -> CalibrationCalls:
+    return data if shard is None else data.subset(slice(shard.start, shard.stop))
+
+
+class _Propagated:
+    """The unit inputs of one pass from one propagation (:mod:`.propagate`): a float side paused
+    one unit ahead of the quantized side, which moves through a unit only once it is finished."""
+
+    def __init__(self, qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, recon_pass: ReconPass,
+                 fp_model: nn.Module | None, options: CacheOptions):
+        names = [u.name for u in units]
+        common = dict(batch_size=options.batch_size, one_timestep=bool(qmodel.timestep_index.timesteps))
+        self.data, self.keep, self.options = data, recon_pass.keep, options
+        self.fp = Propagation(fp_model if fp_model is not None else qmodel, names, data, outputs=True,
+                              state=None if fp_model is not None else (lambda: quant_state(qmodel, False, False)),
+                              **common)
+        self.q = Propagation(qmodel, names, data, **common) if "q" in self.keep else None
+        try:
+            self.fp.move_on()
+            if self.q is not None:
+                self.q.move_on()
+        except BaseException:
+            self.close()
+            raise
+
+    def _sync(self, unit: Unit) -> None:
+        if self.q is not None and self.q.current != unit.name:
+            self.q.move_on()  # through the unit before, now finished
+
+    def cache_for(self, unit: Unit) -> UnitCache:
+        self._sync(unit)
+        return cache_from_propagation(unit.name, self.data, self.fp, self.q, keep=self.keep, options=self.options)
+
+    def skip(self, unit: Unit) -> None:
+        self._sync(unit)
+        self.fp.move_on()
+
+    def close(self) -> None:
+        for prop in (self.fp, getattr(self, "q", None)):
+            if prop is not None:
+                prop.close()
+
+
+def _open_propagation(qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, recon_pass: ReconPass,
+                      fp_model: nn.Module | None, options: CacheOptions) -> _Propagated | None:
+    """A propagation for ``units`` when the paused forwards fit ``options.memory_limit_mb`` (their
+    live activations measured on one batch, scaled to the set), else None (caches from the input)."""
+    if options.propagation == "rerun" or not units:
+        return None
+    names = [u.name for u in units]
+    probe = next(data.slices(options.batch_size, bool(qmodel.timestep_index.timesteps)))
+    with quant_state(qmodel, False, False) if fp_model is None else contextlib.nullcontext():
+        held = frontier_bytes(fp_model if fp_model is not None else qmodel, names, data, probe)
+    if "q" in recon_pass.keep:
+        held += frontier_bytes(qmodel, names, data, probe)
+    held = held * len(data) / (probe.stop - probe.start)
+    limit = options.memory_limit_mb * 2**20
+    if held > limit:
+        log.info("%s: building each unit cache from the input (paused forwards would hold %.0f MB > %.0f MB)",
+                 recon_pass.name, held / 2**20, limit / 2**20)
+        return None
+    try:
+        return _Propagated(qmodel, units, data, recon_pass, fp_model, options)
+    except PropagationUnavailable as exc:
+        log.info("%s: building each unit cache from the input (%s)", recon_pass.name, exc)
+        return None
+
+
+def _trainable(optim: UnitOptim) -> list[Tensor]:
+    return [p for opt in optim.optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad]
+
+
 def reconstruct_unit(qmodel: QuantModel, unit: Unit, data: CalibrationCalls, recon_pass: ReconPass, *,
-                     fp_model: nn.Module | None = None, options: EngineOptions | None = None) -> UnitRecord:
-    """Cache, optimise, harden one unit (see the module docstring)."""
+                     fp_model: nn.Module | None = None, options: EngineOptions | None = None,
+                     cache: UnitCache | None = None) -> UnitRecord:
+    """Cache, optimise, harden one unit (see the module docstring).
+
+    Under torch.distributed each rank caches only its block of the calibration set; every
+    iteration draws the same global batch on all ranks, each rank back-propagates the loss of its
+    share weighted by that share's size, and the gradients are summed over ranks before the step.
+    For a loss averaged over the batch (every pass here) this is the single-process gradient up to
+    float summation order, so all ranks hold identical unit states throughout.
+
+    ``cache``: the unit's cache, already built (by :class:`_Propagated`) over this rank's samples.
+    """
     options = options or EngineOptions()
     start = time.perf_counter()
     if not recon_pass.applies(unit):
         return UnitRecord(unit.name, unit.kind, recon_pass.name, 0, None, None, skipped=True)
     _check_tables(unit, recon_pass)
-    cache = build_unit_cache(qmodel, unit.name, data, keep=recon_pass.keep, q_state=recon_pass.quant_state,
-                             fp_model=fp_model, options=options.cache)
+    shard = _shard_of(data)
+    if cache is None:
+        cache = build_unit_cache(qmodel, unit.name, _local(data, shard), keep=recon_pass.keep,
+                                 q_state=recon_pass.quant_state, fp_model=fp_model, options=options.cache)
     device = options.device
     seed = unit_seed(options.seed, recon_pass.name, unit.index)
-    eval_index = eval_indices(cache.n, options.eval_samples)
+    eval_index = eval_indices(len(data), options.eval_samples)
+
+    def evaluate() -> float:
+        if shard is None:
+            return evaluate_unit(unit, cache, recon_pass, eval_index, device)
+        return _evaluate_sharded(unit, cache, recon_pass, eval_index, device, shard)
+
     try:
         with torch.random.fork_rng(devices=_fork_devices(device)):
             torch.manual_seed(seed)
-            initial = evaluate_unit(unit, cache, recon_pass, eval_index, device)
+            initial = evaluate()
             optim = recon_pass.setup(unit)
+            params = _trainable(optim) if shard is not None else []
             iters = recon_pass.iters if optim.optimizers else 0
-            batches = cache.random_batches(recon_pass.batch_size, torch.Generator().manual_seed(seed))
+            batches = random_batches(len(data), recon_pass.batch_size, torch.Generator().manual_seed(seed))
             _set_quantizer_training(unit, True)
             for count in range(1, iters + 1):
                 index = next(batches)
-                loss = recon_pass.training_loss(unit, cache, index, device, count)
                 for opt in optim.optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if shard is None:
+                    recon_pass.training_loss(unit, cache, index, device, count).backward()
+                else:
+                    mine = distributed.global_to_local(index, shard)
+                    if len(mine):
+                        loss = recon_pass.training_loss(unit, cache, mine, device, count)
+                        (loss * (len(mine) / len(index))).backward()
+                    distributed.sum_gradients(params)
                 for opt in optim.optimizers:
                     opt.step()
                 for scheduler in optim.schedulers:
@@ -227,7 +352,7 @@ def reconstruct_unit(qmodel: QuantModel, unit: Unit, data: CalibrationCalls, rec
                 recon_pass.after_step(unit)
             _set_quantizer_training(unit, False)
             recon_pass.finish(unit)
-            final = evaluate_unit(unit, cache, recon_pass, eval_index, device)
+            final = evaluate()
     finally:
         _set_quantizer_training(unit, False)
         cache.close()
@@ -252,12 +377,27 @@ def reconstruct(qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, r
     records += [UnitRecord(u.name, u.kind, recon_pass.name, 0, None, None, skipped=True)
                 for u in units[len(records):done]]
     qmodel.eval()
-    bar = tqdm(total=len(units), initial=done, desc=f"reconstruct {recon_pass.name}", disable=not options.progress,
-               leave=False)
+    bar = tqdm(total=len(units), initial=done, desc=f"reconstruct {recon_pass.name}",
+               disable=not options.progress or not distributed.dist_info().is_main, leave=False)
+    local = _local(data, _shard_of(data))
+    propagated = None
     try:
         with quant_state(qmodel, *recon_pass.quant_state):
+            propagated = _open_propagation(qmodel, units[done:], local, recon_pass, fp_model, options.cache)
             for unit in units[done:]:
-                record = reconstruct_unit(qmodel, unit, data, recon_pass, fp_model=fp_model, options=options)
+                cache = None
+                if propagated is not None:
+                    try:
+                        if recon_pass.applies(unit):
+                            cache = propagated.cache_for(unit)
+                        else:
+                            propagated.skip(unit)
+                    except PropagationUnavailable as exc:
+                        log.info("%s: building the remaining unit caches from the input (%s)", recon_pass.name, exc)
+                        propagated.close()
+                        propagated = None
+                record = reconstruct_unit(qmodel, unit, data, recon_pass, fp_model=fp_model, options=options,
+                                          cache=cache)
                 records.append(record)
                 if record.skipped:
                     log.info("%s %s: skipped (nothing to learn)", recon_pass.name, unit.name)
@@ -269,5 +409,7 @@ def reconstruct(qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, r
                         progress.save(qmodel, recon_pass.name, unit.index, names, [r.to_dict() for r in records])
                 bar.update(1)
     finally:
+        if propagated is not None:
+            propagated.close()
         bar.close()
     return records

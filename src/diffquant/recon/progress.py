@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..diffusion import distributed
 from ..errors import CheckpointError
 from ..model.checkpoint import restore_into
 from ..model.qmodel import QuantModel
@@ -89,6 +90,8 @@ class ReconProgress:
             "records": {**previous["records"], pass_name: list(records)},
         }
         self.state = state  # what this run has done (records of every pass complete), written or not
+        if not distributed.dist_info().is_main:  # ranks hold identical states: rank 0 writes it
+            return
         if time.monotonic() - self._last_write < self.min_interval_s:
             return
         self.store.write(qmodel, state, manifest_extra={"progress": {"pass": pass_name, "last_unit": int(last_unit)}})
