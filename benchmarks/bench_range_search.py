@@ -117,7 +117,7 @@ def measure(name, module, x, before, repeat) -> dict:
             if module_ is None:
                 continue
             fn = getattr(module_, f"{policy}_range")
-            seconds = best_time(lambda: fn(x, spec, None), max(1, repeat // 2))
+            seconds = best_time(lambda fn=fn: fn(x, spec, None), max(1, repeat // 2))
             lo, hi = fn(x, spec, None)
             row[f"{policy}_{label}_s"] = seconds
             row[f"{policy}_{label}_lp_error"] = lp_error(module, x, lo, hi, spec, include_zero)

@@ -202,7 +202,7 @@ def preset_names() -> list[str]:
 
 #: engine knobs that decide only where unit caches are stored and how often progress is written
 #: (left out of resume fingerprints: a run may resume with other values)
-STORAGE_KNOBS = ("cache_storage", "cache_memory_mb", "checkpoint_every_s")
+STORAGE_KNOBS = ("cache_storage", "cache_memory_mb", "cache_propagation", "checkpoint_every_s")
 
 
 def fingerprint(qmodel, recipe: Recipe, calib_set=None, **extra) -> str:

@@ -64,6 +64,9 @@ class EngineSettings:
     #: auto | memory | disk
     cache_storage: str = "auto"
     cache_memory_mb: float = 4096.0
+    #: auto (one propagation through the units when it fits the memory limit) | rerun (each unit
+    #: cache from the input); the results are bit-identical, only time differs
+    cache_propagation: str = "auto"
     #: cached samples on which each unit's initial/final loss is reported
     eval_samples: int = 256
     #: a resume checkpoint is written after a unit (or epoch) only when this many seconds have
@@ -78,7 +81,8 @@ class EngineSettings:
             raise ConfigError(f"checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples must be >= 1, got {self.eval_samples}")
-        CacheOptions(dtype=self.cache_dtype, storage=self.cache_storage, memory_limit_mb=self.cache_memory_mb)
+        CacheOptions(dtype=self.cache_dtype, storage=self.cache_storage, memory_limit_mb=self.cache_memory_mb,
+                     propagation=self.cache_propagation)
 
 
 @dataclass
@@ -113,6 +117,7 @@ class StageContext:
         e = self.engine
         limit = min(e.cache_memory_mb, machine_memory_mb() / 4)  # never more than the machine can hold
         return CacheOptions(dtype=e.cache_dtype, storage=e.cache_storage, memory_limit_mb=limit,
+                            propagation=e.cache_propagation,
                             directory=None if self.work_dir is None else str(self.work_dir / "unit_cache"))
 
     def engine_options(self):
