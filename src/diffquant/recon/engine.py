@@ -1,6 +1,8 @@
 """The reconstruction engine shared by Q-Diffusion, EDA-DM and DMQ (docs/methods.md §1.6).
 
-For each unit in order: build its cache (:mod:`.cache`) → optimise the unit's trainable tensors for
+For each unit in order: build its cache (:mod:`.cache`; its inputs from one propagation of the
+calibration set through the units, :mod:`.propagate`, or rebuilt from the network input where that
+does not fit in memory) → optimise the unit's trainable tensors for
 N iterations, each on B distinct random cached samples → harden / freeze → checkpoint. *What* is
 trained and how the loss is formed is a :class:`ReconPass` (AdaRound weights, LSQ activation
 steps, a joint EDA-DM pass, ...); the engine only runs the loop.
