@@ -94,10 +94,31 @@ def test_falls_back_to_rerun_with_a_message_and_the_same_result(why, caplog):
     cache = {"memory_limit_mb": 1e-6} if why == "memory" else {}
     with caplog.at_level(logging.INFO, logger="diffquant.recon"):
         got = _two_passes(qmodel, data, make_units(qmodel, order=order), _options("auto", **cache))
-    assert "building each unit cache from the input" in caplog.text
-    assert ("MB" in caplog.text) == (why == "memory")
+    expected_message = "0 of 5 calibration batches propagated" if why == "memory" else \
+        "building each unit cache from the input"
+    assert expected_message in caplog.text
     qmodel, _, data = toy_qmodel(weight_bits=4, act_bits=4)
     _assert_same(got, _two_passes(qmodel, data, make_units(qmodel, order=order), _options("rerun", **cache)))
+    assert not _propagation_threads()
+
+
+def test_batches_beyond_the_memory_limit_are_run_from_the_input(monkeypatch, caplog):
+    """Paused forwards measured at 1 MB per sample, limit 25 MB: the first two batches of 10 are
+    propagated, the other three rebuilt per unit, and the caches are still bit-identical."""
+    import diffquant.recon.engine as engine
+
+    monkeypatch.setattr(engine, "frontier_bytes", lambda model, names, data, index: (index.stop - index.start) * 2**19)
+    qmodel, _, data = toy_qmodel(weight_bits=4, act_bits=4)
+    calls, handle = _count_forwards(qmodel.model)
+    with caplog.at_level(logging.INFO, logger="diffquant.recon"):
+        got = _two_passes(qmodel, data, make_units(qmodel), _options("auto", memory_limit_mb=25))
+    handle.remove()
+    assert "2 of 5 calibration batches propagated" in caplog.text
+    qmodel, _, data = toy_qmodel(weight_bits=4, act_bits=4)
+    rerun_calls, handle = _count_forwards(qmodel.model)
+    _assert_same(got, _two_passes(qmodel, data, make_units(qmodel), _options("rerun", memory_limit_mb=25)))
+    handle.remove()
+    assert calls[0] < rerun_calls[0]
     assert not _propagation_threads()
 
 

@@ -316,9 +316,9 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def _capture(model: nn.Module, unit_name: str, data: CalibrationCalls, *, record: CallRecord | None,
-             on_output: Callable[[slice, Tensor], None] | None, one_timestep: bool, batch_size: int) -> None:
-    """Run the calibration set through ``model`` up to the unit (and through it when ``on_output``
-    wants its output), storing the unit's arguments in ``record``."""
+             on_output: Callable[[slice, Tensor], None] | None, slices: list[slice]) -> None:
+    """Run the calibration batches ``slices`` through ``model`` up to the unit (and through it when
+    ``on_output`` wants its output), storing the unit's arguments in ``record``."""
     try:
         module = _inner(model).get_submodule(unit_name)
     except AttributeError:
@@ -347,7 +347,7 @@ def _capture(model: nn.Module, unit_name: str, data: CalibrationCalls, *, record
     was_training = model.training
     model.eval()
     try:
-        for index in data.slices(batch_size, one_timestep):
+        for index in slices:
             current.clear()
             current["index"] = index
             run_stoppable(data.run, model, index)
@@ -368,6 +368,7 @@ def build_unit_cache(
     q_state: tuple[bool, bool] = (True, False),
     fp_model: nn.Module | None = None,
     options: CacheOptions | None = None,
+    propagated: tuple[Any, Any] | None = None,
 ) -> UnitCache:
     """Cache unit ``unit_name`` over ``data`` (see the module docstring).
 
@@ -377,6 +378,10 @@ def build_unit_cache(
             units already reconstructed carry their final state (hard rounding, learned steps).
         fp_model: the float model to take x_in^fp and y^fp from (same module names); by default
             ``qmodel`` itself with all quantization switched off.
+        propagated: (float, quantized) :class:`~diffquant.recon.propagate.Propagation` objects
+            paused at this unit for some of the batches (the quantized one may be None when
+            ``keep`` has no ``q``): those batches are taken from them (the float one then runs on
+            through the unit to the next), the others are run from the network input.
     """
     options = options or CacheOptions()
     bad = [k for k in keep if k not in INPUT_KINDS]
@@ -387,9 +392,7 @@ def build_unit_cache(
         raise ConfigError("the calibration set is empty")
     budget = _Budget(options)
     storage_dtype = CACHE_DTYPES[options.dtype]
-    one_timestep = bool(qmodel.timestep_index.timesteps)
-
-    fp_record = CallRecord(n, storage_dtype, budget) if "fp" in keep else None
+    records = {kind: CallRecord(n, storage_dtype, budget) for kind in keep}
     stored: dict[str, Any] = {}
 
     def store_target(index: slice, y: Tensor) -> None:
@@ -399,44 +402,26 @@ def build_unit_cache(
             stored["dtype"] = y.dtype
         stored["targets"].write(index, y)
 
-    capture = dict(record=fp_record, on_output=store_target, one_timestep=one_timestep, batch_size=options.batch_size)
-    if fp_model is not None:
-        _capture(fp_model, unit_name, data, **capture)
-    else:
-        with quant_state(qmodel, weights=False, acts=False):
-            _capture(qmodel, unit_name, data, **capture)
-
-    q_record = None
-    if "q" in keep:
-        q_record = CallRecord(n, storage_dtype, budget)
-        with quant_state(qmodel, *q_state):
-            _capture(qmodel, unit_name, data, record=q_record, on_output=None, one_timestep=one_timestep,
-                     batch_size=options.batch_size)
+    slices = list(data.slices(options.batch_size, bool(qmodel.timestep_index.timesteps)))
+    if propagated is not None:
+        fp, q = propagated
+        for kind, prop in (("fp", fp), ("q", q)):
+            if kind in records:
+                for index, args, kwargs in prop.calls():
+                    records[kind].write(index, args, kwargs)
+        for fwd, y in fp.advance():
+            store_target(fwd.index, first_tensor(y))
+        done = {(f.index.start, f.index.stop) for f in fp.forwards}
+        slices = [s for s in slices if (s.start, s.stop) not in done]
+    if slices:
+        capture = dict(record=records.get("fp"), on_output=store_target, slices=slices)
+        if fp_model is not None:
+            _capture(fp_model, unit_name, data, **capture)
+        else:
+            with quant_state(qmodel, weights=False, acts=False):
+                _capture(qmodel, unit_name, data, **capture)
+        if "q" in records:
+            with quant_state(qmodel, *q_state):
+                _capture(qmodel, unit_name, data, record=records["q"], on_output=None, slices=slices)
     return UnitCache(unit_name, n, stored["targets"], stored["dtype"], data.timesteps.detach().cpu().clone(),
-                     q_inputs=q_record, fp_inputs=fp_record, _budget=budget)
-
-
-def cache_from_propagation(unit_name: str, data: CalibrationCalls, fp, q, *, keep: tuple[str, ...],
-                           options: CacheOptions | None = None) -> UnitCache:
-    """The cache of the unit both propagations (:class:`~diffquant.recon.propagate.Propagation`)
-    are paused at: x_in^fp and x_in^q from their paused calls, y^fp by letting the float one run
-    through the unit (it then waits at the next unit). ``q`` may be None when ``keep`` has no ``q``."""
-    options = options or CacheOptions()
-    n = len(data)
-    budget = _Budget(options)
-    storage_dtype = CACHE_DTYPES[options.dtype]
-    records: dict[str, CallRecord] = {}
-    for kind, prop in (("fp", fp), ("q", q)):
-        if kind in keep:
-            records[kind] = CallRecord(n, storage_dtype, budget)
-            for index, args, kwargs in prop.calls():
-                records[kind].write(index, args, kwargs)
-    targets, target_dtype = None, None
-    for fwd, y in fp.advance():
-        y = first_tensor(y)
-        if targets is None:
-            target_dtype = y.dtype
-            targets = TensorStore(n, tuple(y.shape[1:]), storage_dtype if y.is_floating_point() else y.dtype, budget)
-        targets.write(fwd.index, y)
-    return UnitCache(unit_name, n, targets, target_dtype, data.timesteps.detach().cpu().clone(),
                      q_inputs=records.get("q"), fp_inputs=records.get("fp"), _budget=budget)

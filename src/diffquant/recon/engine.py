@@ -33,8 +33,7 @@ from ..errors import ConfigError
 from ..model.qmodel import QuantModel
 from ..quant.quantizer import UniformQuantizer
 from ..diffusion import distributed
-from .cache import (CacheOptions, CalibrationCalls, UnitCache, build_unit_cache, cache_from_propagation, first_tensor,
-                    random_batches)
+from .cache import CacheOptions, CalibrationCalls, UnitCache, build_unit_cache, first_tensor, random_batches
 from .propagate import Propagation, PropagationUnavailable, frontier_bytes
 from .loss import lp_loss
 from .progress import ReconProgress
@@ -228,18 +227,16 @@ def _local(data: CalibrationCalls, shard: range | None) -> CalibrationCalls:
 
 
 class _Propagated:
-    """The unit inputs of one pass from one propagation (:mod:`.propagate`): a float side paused
-    one unit ahead of the quantized side, which moves through a unit only once it is finished."""
+    """The unit inputs of one pass from one propagation (:mod:`.propagate`) of the batches
+    ``slices``: a float side paused one unit ahead of the quantized side, which moves through a
+    unit only once it is finished. Batches not in ``slices`` are run from the input per unit."""
 
     def __init__(self, qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, recon_pass: ReconPass,
-                 fp_model: nn.Module | None, options: CacheOptions):
+                 fp_model: nn.Module | None, slices: list[slice]):
         names = [u.name for u in units]
-        common = dict(batch_size=options.batch_size, one_timestep=bool(qmodel.timestep_index.timesteps))
-        self.data, self.keep, self.options = data, recon_pass.keep, options
-        self.fp = Propagation(fp_model if fp_model is not None else qmodel, names, data, outputs=True,
-                              state=None if fp_model is not None else (lambda: quant_state(qmodel, False, False)),
-                              **common)
-        self.q = Propagation(qmodel, names, data, **common) if "q" in self.keep else None
+        self.fp = Propagation(fp_model if fp_model is not None else qmodel, names, data, slices=slices, outputs=True,
+                              state=None if fp_model is not None else (lambda: quant_state(qmodel, False, False)))
+        self.q = Propagation(qmodel, names, data, slices=slices) if "q" in recon_pass.keep else None
         try:
             self.fp.move_on()
             if self.q is not None:
@@ -248,16 +245,14 @@ class _Propagated:
             self.close()
             raise
 
-    def _sync(self, unit: Unit) -> None:
+    def at(self, unit: Unit) -> tuple[Propagation, Propagation | None]:
+        """Both sides paused at ``unit`` (for :func:`build_unit_cache`)."""
         if self.q is not None and self.q.current != unit.name:
             self.q.move_on()  # through the unit before, now finished
-
-    def cache_for(self, unit: Unit) -> UnitCache:
-        self._sync(unit)
-        return cache_from_propagation(unit.name, self.data, self.fp, self.q, keep=self.keep, options=self.options)
+        return self.fp, self.q
 
     def skip(self, unit: Unit) -> None:
-        self._sync(unit)
+        self.at(unit)
         self.fp.move_on()
 
     def close(self) -> None:
@@ -268,24 +263,34 @@ class _Propagated:
 
 def _open_propagation(qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, recon_pass: ReconPass,
                       fp_model: nn.Module | None, options: CacheOptions) -> _Propagated | None:
-    """A propagation for ``units`` when the paused forwards fit ``options.memory_limit_mb`` (their
-    live activations measured on one batch, scaled to the set), else None (caches from the input)."""
+    """A propagation of as many leading calibration batches as ``options.memory_limit_mb`` holds
+    (the paused forwards' live activations, measured on one batch and scaled by batch size); the
+    other batches are run from the input per unit. None when not even one batch fits."""
     if options.propagation == "rerun" or not units:
         return None
     names = [u.name for u in units]
-    probe = next(data.slices(options.batch_size, bool(qmodel.timestep_index.timesteps)))
+    slices = list(data.slices(options.batch_size, bool(qmodel.timestep_index.timesteps)))
+    probe = slices[0]
     with quant_state(qmodel, False, False) if fp_model is None else contextlib.nullcontext():
         held = frontier_bytes(fp_model if fp_model is not None else qmodel, names, data, probe)
     if "q" in recon_pass.keep:
         held += frontier_bytes(qmodel, names, data, probe)
-    held = held * len(data) / (probe.stop - probe.start)
+    per_sample = held / (probe.stop - probe.start)
     limit = options.memory_limit_mb * 2**20
-    if held > limit:
-        log.info("%s: building each unit cache from the input (paused forwards would hold %.0f MB > %.0f MB)",
-                 recon_pass.name, held / 2**20, limit / 2**20)
+    chosen, total = [], 0.0
+    for index in slices:
+        total += per_sample * (index.stop - index.start)
+        if total > limit:
+            break
+        chosen.append(index)
+    if len(chosen) < len(slices):
+        log.info("%s: %d of %d calibration batches propagated through the units, the rest run from the input per "
+                 "unit (paused forwards would hold %.0f MB > %.0f MB)", recon_pass.name, len(chosen), len(slices),
+                 per_sample * len(data) / 2**20, limit / 2**20)
+    if not chosen:
         return None
     try:
-        return _Propagated(qmodel, units, data, recon_pass, fp_model, options)
+        return _Propagated(qmodel, units, data, recon_pass, fp_model, chosen)
     except PropagationUnavailable as exc:
         log.info("%s: building each unit cache from the input (%s)", recon_pass.name, exc)
         return None
@@ -391,7 +396,10 @@ def reconstruct(qmodel: QuantModel, units: list[Unit], data: CalibrationCalls, r
                 if propagated is not None:
                     try:
                         if recon_pass.applies(unit):
-                            cache = propagated.cache_for(unit)
+                            _check_tables(unit, recon_pass)
+                            cache = build_unit_cache(qmodel, unit.name, local, keep=recon_pass.keep,
+                                                     q_state=recon_pass.quant_state, fp_model=fp_model,
+                                                     options=options.cache, propagated=propagated.at(unit))
                         else:
                             propagated.skip(unit)
                     except PropagationUnavailable as exc:

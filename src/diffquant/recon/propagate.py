@@ -67,7 +67,8 @@ class _Forward:
 
 
 class Propagation:
-    """Suspended forwards of ``data`` through ``model``, paused at the units ``names`` in turn.
+    """Suspended forwards of the batches ``slices`` of ``data`` through ``model``, paused at the
+    units ``names`` in turn.
 
     ``model`` is a :class:`QuantModel` (the quantized side, or the float side with quantization
     switched off by ``state``) or a separate float model with the same module names. ``state``
@@ -75,8 +76,8 @@ class Propagation:
     side's ``quant_state(qmodel, False, False)``).
     """
 
-    def __init__(self, model: nn.Module, names: list[str], data: CalibrationCalls, *, batch_size: int,
-                 one_timestep: bool, state: Callable[[], Any] | None = None, outputs: bool = False):
+    def __init__(self, model: nn.Module, names: list[str], data: CalibrationCalls, *, slices: list[slice],
+                 state: Callable[[], Any] | None = None, outputs: bool = False):
         inner = _inner(model)
         self.model, self.names, self.data = model, list(names), data
         self.state = state
@@ -95,7 +96,7 @@ class Propagation:
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
             if outputs:
                 self._handles.append(module.register_forward_hook(self._post_hook(name), with_kwargs=True))
-        self.forwards = [_Forward(index) for index in data.slices(batch_size, one_timestep)]
+        self.forwards = [_Forward(index) for index in slices]
         self._closed = False
 
     # ------------------------------------------------------------------ hooks (worker threads)
