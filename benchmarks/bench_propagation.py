@@ -88,8 +88,7 @@ def main(argv=None) -> int:
         return 0
     if not args.out or not args.recipe:
         parser.error("--out and at least one --recipe are needed")
-    from diffquant.eval.report import environment_record
-    from diffquant.jsonio import write_json
+    from report_io import write_report
 
     rows = []
     for recipe in args.recipe:
@@ -101,13 +100,7 @@ def main(argv=None) -> int:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"{recipe} {mode}: {rows[-1]['recipe_s']:.1f} s, {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
     meta = {k: getattr(args, k) for k in ("model", "calib_n", "calib_every", "wbits", "abits", "threads")}
-    meta["command"] = "python3 benchmarks/bench_propagation.py " + " ".join(argv or sys.argv[1:])
-    meta["environment"] = environment_record()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    print(f"wrote {out.with_suffix('.md')}")
+    write_report(args.out, "bench_propagation.py", argv, meta, rows, markdown)
     return 0
 
 

@@ -32,10 +32,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from diffquant.eval.report import environment_record  # noqa: E402
-from diffquant.jsonio import write_json  # noqa: E402
 from diffquant.quant import search as search_now  # noqa: E402
 from diffquant.quant.affine import GridSpec  # noqa: E402
+from report_io import write_report  # noqa: E402
 
 P = 2.4
 
@@ -185,14 +184,8 @@ def main(argv=None) -> int:
               f"edadm_grid {rows[-1]['edadm_grid_now_vs_forward']:.2f}x the forward", flush=True)
     meta = {"model": args.model, "batch": args.batch, "steps": args.steps, "repeat": args.repeat,
             "threads": args.threads, "before": args.before, "load_before": load_before,
-            "load_after": open("/proc/loadavg").read().split()[0],
-            "command": "python3 benchmarks/bench_range_search.py " + " ".join(argv or sys.argv[1:]),
-            "environment": environment_record()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    print(f"wrote {out.with_suffix('.md')}")
+            "load_after": open("/proc/loadavg").read().split()[0]}
+    write_report(args.out, "bench_range_search.py", argv, meta, rows, markdown)
     return 0
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,6 +71,19 @@ def shard_indices(n: int, rank: int, world: int) -> range:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+def my_shard(n: int, what: str = "samples") -> range | None:
+    """This rank's contiguous block of ``n`` items under torch.distributed (None in one process).
+
+    Raises a one-line :class:`~diffquant.errors.ConfigError` when there are fewer items than ranks.
+    """
+    info = dist_info()
+    if not info.is_distributed:
+        return None
+    if n < info.world_size:
+        raise ConfigError(f"{n} {what} cannot be shared by {info.world_size} processes")
+    return shard_indices(n, info.rank, info.world_size)
 
 
 def _collective_device() -> torch.device:

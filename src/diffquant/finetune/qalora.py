@@ -263,16 +263,6 @@ def guided_eps(bundle, model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | 
     return uncond + guidance * (cond - uncond)
 
 
-def _my_rows(batch: int) -> range | None:
-    """This rank's block of a fine-tuning batch under torch.distributed, else None."""
-    info = distributed.dist_info()
-    if not info.is_distributed:
-        return None
-    if batch < info.world_size:
-        raise ConfigError(f"a fine-tuning batch of {batch} cannot be shared by {info.world_size} processes")
-    return distributed.shard_indices(batch, info.rank, info.world_size)
-
-
 class SampledTrajectories:
     """The paper's source: fresh DDIM trajectories of the float model, one batch per epoch, with
     random class labels and classifier-free guidance (``bundle`` gives scheduler and shapes)."""
@@ -298,7 +288,7 @@ class SampledTrajectories:
         if bundle.is_conditional:
             labels = torch.randint(0, int(bundle.num_classes), (options.batch_size,), generator=gen).to(self.device)
         x = torch.randn(options.batch_size, *bundle.sample_shape, generator=gen) * self.sched.init_noise_sigma
-        rows = _my_rows(options.batch_size)  # under torch.distributed each rank follows its block of the batch
+        rows = distributed.my_shard(options.batch_size, "fine-tuning samples per batch")  # under torch.distributed each rank follows its block of the batch
         if rows is not None:
             x = x[rows.start:rows.stop]
             labels = None if labels is None else labels[rows.start:rows.stop]
@@ -332,7 +322,7 @@ class RecordedTrajectories:
         options, cs = self.options, self.calib_set
         gen = torch.Generator().manual_seed(options.seed + epoch)
         order = torch.randperm(len(self.trajectories), generator=gen)[: options.batch_size]
-        rows = _my_rows(len(order))  # under torch.distributed each rank follows its block of the batch
+        rows = distributed.my_shard(len(order), "fine-tuning samples per batch")  # under torch.distributed each rank follows its block of the batch
         if rows is not None:
             order = order[rows.start:rows.stop]
         chosen = torch.tensor([self.trajectories[i] for i in order.tolist()])

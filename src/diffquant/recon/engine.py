@@ -214,12 +214,7 @@ def _fork_devices(device) -> list:
 
 def _shard_of(data: CalibrationCalls) -> range | None:
     """This rank's contiguous block of the calibration set under torch.distributed, else None."""
-    info = distributed.dist_info()
-    if not info.is_distributed:
-        return None
-    if len(data) < info.world_size:
-        raise ConfigError(f"{len(data)} calibration samples cannot be shared by {info.world_size} processes")
-    return distributed.shard_indices(len(data), info.rank, info.world_size)
+    return distributed.my_shard(len(data), "calibration samples")
 
 
 def _local(data: CalibrationCalls, shard: range | None) -> CalibrationCalls:

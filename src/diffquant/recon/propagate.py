@@ -36,14 +36,11 @@ from ..calib.calls import CalibrationCalls
 from ..calib.stop import run_stoppable, stop_forward
 from ..errors import DiffquantError
 from ..model.qmodel import QuantModel
+from .cache import _inner
 
 
 class PropagationUnavailable(DiffquantError):
     """The forwards did not call the units once each, in order, one after the other."""
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, QuantModel) else model
 
 
 class _Forward:
