@@ -60,6 +60,8 @@ def histogram_rows(rows: Tensor, bins: int | None) -> tuple[Tensor, Tensor | Non
     """``rows`` [C, N] as (values, weights) to score on: the rows themselves (weights None) when
     N ≤ ``bins`` or ``bins`` is None, else per row ``bins`` equal-width bins over [min, max], each
     holding the mean of its elements (0 when empty) and weighted by their count."""
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 2):
+        raise ConfigError(f"histogram bins must be an integer >= 2 or null (exact), got {bins!r}")
     c, n = rows.shape
     if bins is None or n <= bins:
         return rows, None
@@ -169,7 +171,7 @@ def lp_shrink_range(
         lo = torch.zeros_like(hi)
     else:
         lo, hi = factors * x_min, factors * x_max
-    values, weights = histogram_rows(rows, _checked_bins(bins))
+    values, weights = histogram_rows(rows, bins)
     scores = lp_scores(values, lo, hi, spec, p=p, include_zero=False, clamp_zero_point=clamp_zero_point,
                        weights=weights)
     best = first_argmin(scores)
@@ -202,12 +204,6 @@ def edadm_candidates(
     hi = width[:, None, :] + lo
     c = rows.shape[0]
     return lo.reshape(-1, c), hi.reshape(-1, c)
-
-
-def _checked_bins(bins: int | None) -> int | None:
-    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 2):
-        raise ConfigError(f"histogram bins must be an integer >= 2 or null (exact), got {bins!r}")
-    return bins
 
 
 def _bisect_zero_points(values: Tensor, weights: Tensor | None, lo: Tensor, hi: Tensor, spec: GridSpec, *,
@@ -276,7 +272,7 @@ def edadm_grid_range(
         raise ConfigError(f"edadm_grid side must be one of {SIDES}, got {side!r}")
     rows = channel_rows(x, channel_axis)
     lo, hi = edadm_candidates(rows, spec, side, symmetric)
-    values, weights = histogram_rows(rows, _checked_bins(bins))
+    values, weights = histogram_rows(rows, bins)
     two_d = side == "two" and not symmetric and spec.grid == "asymmetric"
     if two_d:
         per_width, flat = _bisect_zero_points(values, weights, lo, hi, spec, p=p, clamp_zero_point=clamp_zero_point)
