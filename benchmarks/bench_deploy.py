@@ -15,7 +15,9 @@ after a warm-up) and per full ``--steps``-step DDIM sample of the whole batch, f
 PyTorch fp32, PyTorch fake-quant, the PyTorch int8 backend (eager, and behind ``torch.compile``
 with weight freezing: :func:`diffquant.export.int8_backend.compile_int8`; its one-off compile time
 is reported, not counted in the call time), onnxruntime fp32 and onnxruntime int8
-(``integer`` graphs: ConvInteger/MatMulInteger) at each ``--bits`` setting. Quantized models come
+(``integer`` graphs: ConvInteger/MatMulInteger; ``qdq`` graphs; ``fused`` graphs, whose conv
+outputs are requantized to 8 bits on the anchors' calibration inputs so that onnxruntime runs
+QLinearConv — not exact, so their departure from fake quantization is reported) at each ``--bits`` setting. Quantized models come
 from the naive recipe calibrated on Gaussian-noise inputs at a few timesteps (timings and sizes do
 not depend on calibration quality). Each backend's denoiser output is compared with the
 fake-quant model's (relative RMS) as a sanity check, and with the float model's.
@@ -235,7 +237,11 @@ def measure_speed(bundle, settings: list[tuple[int, int]], args, workdir: Path) 
             if args.compile and (args.compile_models is None or bundle.name in args.compile_models):
                 backends.append((f"pytorch int8 + torch.compile {tag}", compile_int8(int8), tag))
         for mode in args.onnx_modes:
-            result = export_onnx(qmodel, example, workdir / f"{tag}_{mode}.onnx", mode=mode)
+            calibration = None
+            if mode == "fused":  # the same inputs quantize_static and PT2E calibrate on
+                calibration = [((cx, ct), bundle.example_inputs(cx.shape[0])[1])
+                               for cx, ct in _calibration_inputs(bundle, args.batch)]
+            result = export_onnx(qmodel, example, workdir / f"{tag}_{mode}.onnx", mode=mode, calibration=calibration)
             backends.append((f"onnxruntime {mode} {tag}", OnnxDenoiser(result.paths[0], threads=args.threads), tag))
 
     if (8, 8) in settings:
@@ -375,8 +381,19 @@ def anchor_backends(bundle, args, workdir: Path, fp32_onnx: Path, batch_shape) -
 TARGET_SPEEDUP = 1.5
 
 
+def _ratio_lines(best: dict, best_fp: dict, rows: list[dict], setting: str, key: str, what: str) -> list[str]:
+    ratio = best_fp[key] / best[key]
+    lines = [f"- {setting}, per {what}: {best['backend']} is {ratio:.2f}× faster than {best_fp['backend']} "
+             f"(goal ≥ {TARGET_SPEEDUP}×: {'met' if ratio >= TARGET_SPEEDUP else 'NOT met'})."]
+    for anchor in (r for r in rows if r["setting"] == setting and r["backend"].startswith("anchor") and key in r):
+        lines.append(f"- {setting}, per {what}: {best['backend']} takes {best[key] / anchor[key]:.2f}× the time "
+                     f"of {anchor['backend'][8:]} (goal ≤ 1.0×: {'met' if best[key] <= anchor[key] else 'NOT met'}).")
+    return lines
+
+
 def speedup_lines(rows: list[dict]) -> list[str]:
-    """Best integer path (PyTorch int8 or onnxruntime integer) vs the best fp32 path, per setting."""
+    """Best exact integer path (PyTorch int8 or onnxruntime integer) and the fused onnxruntime graph
+    vs the best fp32 path and the anchors, per setting."""
     fp = [r for r in rows if r["setting"] == "fp32"]
     lines = []
     for key, what in (("call_s", "denoiser call"), ("sample_s", "full sample")):
@@ -388,13 +405,9 @@ def speedup_lines(rows: list[dict]) -> list[str]:
                     and ("int8" in r["backend"] or "integer" in r["backend"])]
             if not ints:
                 continue
-            best = min(ints, key=lambda r: r[key])
-            ratio = best_fp[key] / best[key]
-            lines.append(f"- {setting}, per {what}: {best['backend']} is {ratio:.2f}× faster than {best_fp['backend']} "
-                         f"(goal ≥ {TARGET_SPEEDUP}×: {'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}).")
-            for anchor in (r for r in rows if r["setting"] == setting and r["backend"].startswith("anchor") and key in r):
-                lines.append(f"- {setting}, per {what}: {best['backend']} takes {best[key] / anchor[key]:.2f}× the time "
-                             f"of {anchor['backend'][8:]} (goal ≤ 1.0×: {'met' if best[key] <= anchor[key] else 'NOT met'}).")
+            lines += _ratio_lines(min(ints, key=lambda r: r[key]), best_fp, rows, setting, key, what)
+            for fused in (r for r in rows if r["setting"] == setting and r["backend"].startswith("onnxruntime fused")):
+                lines += _ratio_lines(fused, best_fp, rows, setting, key, what)
     return lines
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -433,7 +446,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["default", "unet30m"], help="default and/or unet30m")
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"], help="quantized settings to time")
-    p.add_argument("--onnx-modes", nargs="+", default=["integer", "qdq"], choices=["integer", "qdq"])
+    p.add_argument("--onnx-modes", nargs="+", default=["integer", "qdq", "fused"], choices=["integer", "qdq", "fused"])
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile'd int8 rows (compiling takes a minute or more per model)")
     p.add_argument("--compile-models", nargs="+", default=None,

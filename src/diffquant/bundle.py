@@ -110,6 +110,11 @@ class DiffusionBundle:
             kwargs["encoder_hidden_states"] = context
         return kwargs
 
+    def call_inputs(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None,
+                    context: Tensor | None = None) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) of the denoiser call on (x_t, t) with this model's convention."""
+        return (x, t), self._call_kwargs(x.shape[0], class_labels, context, x.device, x.dtype)
+
     def predict_noise(self, unet: nn.Module, x: Tensor, t: Tensor, class_labels: Tensor | None = None,
                       context: Tensor | None = None) -> Tensor:
         """Call ``unet`` on (x_t, t[B]) with this model's convention and return ε (x's shape).

@@ -80,3 +80,23 @@ def test_errors_are_diffquant_errors(saved, tmp_path):
         args.handler(args)
     with pytest.raises(SystemExit):  # argparse: unknown backend
         _parse(["--quantized", "q", "--onnx", "a.onnx", "--backend", "tensorrt"])
+
+
+def test_fused_onnx_takes_its_output_ranges_from_float_trajectories(saved, unet_inputs, tmp_path, capsys, monkeypatch):
+    root, qmodel = saved
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    args = _parse(["--model", str(root / "unet"), "--quantized", str(root / "w4a8"), "--onnx", str(tmp_path / "f.onnx"),
+                   "--backend", "fused", "--calib-samples", "2"])
+    with pytest.warns(UserWarning, match="requantized"):
+        assert args.handler(args) == 0
+    printed = capsys.readouterr().out
+    assert "onnx (fused)" in printed and "conv outputs requantized to 8 bits" in printed
+    (x, t), kw = unet_inputs(batch=2, t=10, seed=3)
+    with torch.no_grad():
+        expected = qmodel(x, t, **kw).sample
+    got = OnnxDenoiser(tmp_path / "f.onnx", threads=1)(x, t, **kw)
+    assert float((got - expected).pow(2).mean().sqrt()) < 0.1 * float(expected.pow(2).mean().sqrt())
+    with pytest.raises(ConfigError, match="--calib-samples"):
+        args = _parse(["--model", str(root / "unet"), "--quantized", str(root / "w4a8"), "--onnx", "x.onnx",
+                       "--backend", "fused", "--calib-samples", "0"])
+        args.handler(args)

@@ -250,3 +250,40 @@ def test_a_frozen_batch_axis_is_refused_and_a_dynamic_one_runs_at_two_batch_size
         export_onnx(frozen, ((x,), {}), tmp_path / "frozen.onnx")
     with pytest.raises(ExportError, match="batch axis is frozen at 2"):
         export_float_onnx(net, ((x,), {}), tmp_path / "frozen_fp32.onnx")
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 8)])
+def test_fused_mode_runs_convs_as_qlinearconv_and_reports_its_change(bits, calibrated_unet, unet_inputs, tmp_path):
+    unet, qmodel = calibrated_unet(*bits)
+    calibration = [unet_inputs(batch=2, t=t, seed=s) for t in (10, 600) for s in (1, 2)]
+    calibration = [((x * (1 + ts[0].item() / 250), ts), kw) for (x, ts), kw in calibration]
+    exact = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "qdq.onnx", mode="qdq")
+    with pytest.warns(UserWarning, match="conv outputs requantized to 8 bits"):
+        fused = export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "fused.onnx", mode="fused",
+                            calibration=calibration)
+    onnx.checker.check_model(onnx.load(str(fused.paths[0])), full_check=True)
+    single_input_convs = sum(lp.kind == "Conv2d" and not lp.split for lp in qmodel.plan.layers)
+    [report] = fused.requantized
+    assert report["layers"] == report["eligible"] == single_input_convs > 0
+    assert json.loads(fused.sidecar.read_text())["requantized_outputs"] == fused.requantized
+    # onnxruntime fuses every requantized conv; the exact graph keeps float convs
+    assert optimized_op_types(fused.paths[0]).get("QLinearConv", 0) == single_input_convs
+    assert optimized_op_types(exact.paths[0]).get("QLinearConv", 0) == 0
+    # the extra 8-bit rounding of conv outputs: a small change, and the one the export reported
+    ref = OnnxDenoiser(exact.paths[0], threads=1)
+    got = OnnxDenoiser(fused.paths[0], threads=1)
+    (x, ts), kw = calibration[0]
+    a, b = got(x, ts, **kw), ref(x, ts, **kw)
+    change = float(((a - b).pow(2).mean() / b.pow(2).mean()).sqrt())
+    assert 0 < change < 0.1
+    assert 0 < report["rel_rms_change"] < 0.1
+    fake = _call(qmodel, unet_inputs)
+    assert _call(got, unet_inputs).shape == fake.shape  # a dynamic batch still (3 rows here)
+
+
+def test_fused_mode_options_are_checked(calibrated_unet, unet_inputs, tmp_path):
+    _, qmodel = calibrated_unet(8, 8)
+    with pytest.raises(ConfigError, match="calibration inputs are for mode='fused'"):
+        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "a.onnx", mode="qdq", calibration=[unet_inputs(batch=2)])
+    with pytest.raises(ConfigError, match="at least one"):
+        export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "a.onnx", mode="fused", calibration=[])

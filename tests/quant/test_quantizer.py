@@ -25,6 +25,19 @@ def test_uninitialised_quantizer_raises_clear_error():
         q(torch.randn(4))
 
 
+def test_a_calibrated_quantizer_traces_without_graph_breaks():
+    """torch.compile of a model with fake quantizers (e.g. the int8 model's attention) stays one graph:
+    the data-dependent "initialised?" check breaks the graph, and every quantizer instance would then
+    recompile until dynamo's limit, sending the model back to eager."""
+    q = UniformQuantizer(8, init="minmax")
+    q.observe(batch(-1.0, 3.0))
+    q.mode = "quantize"
+    x = torch.randn(4, 8)
+    explanation = torch._dynamo.explain(q)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert torch.equal(q(x), q.quantize(x))
+
+
 def test_minmax_per_tensor_and_global_union():
     q = UniformQuantizer(8, init="minmax")
     q.observe(batch(-1.0, 3.0))

@@ -31,7 +31,10 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
                    help="dtype of the unquantized tensors in the packed file")
     p.add_argument("--onnx", default=None, help="write the quantized denoiser as ONNX (OUT.onnx)")
     p.add_argument("--backend", "--onnx-mode", dest="backend", default="qdq", choices=list(MODES),
-                   help="ONNX node layout: qdq (portable Q/DQ pairs) or integer (ConvInteger/MatMulInteger)")
+                   help="ONNX node layout: qdq (portable Q/DQ pairs, exact), integer (ConvInteger/MatMulInteger, "
+                        "exact) or fused (qdq with 8-bit conv outputs: onnxruntime QLinearConv, faster, not exact)")
+    p.add_argument("--calib-samples", type=int, default=8,
+                   help="fused: float trajectories (10 DDIM steps) whose inputs set the conv output ranges")
     p.add_argument("--float-onnx", default=None, help="also write the float denoiser as ONNX, for comparison")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 13)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the example inputs used for tracing")
@@ -48,12 +51,28 @@ def _load_quantized(unet, path: Path):
     return load(unet, path)
 
 
+def fused_calibration(bundle, samples: int, batch: int, steps: int = 10) -> list:
+    """Denoiser inputs along ``samples`` float DDIM trajectories, every step, in batches: where the
+    ``fused`` export takes its conv output ranges (the trajectory cache is reused when present)."""
+    from ..calib.capture import capture_trajectories
+    from ..calib.select import all_steps
+
+    calib = all_steps(capture_trajectories(bundle, samples, steps=steps, progress=False))
+    out = []
+    for start in range(0, len(calib), max(batch, 8)):
+        x, t, labels = calib[start:start + max(batch, 8)]
+        out.append(bundle.call_inputs(x, t, labels))
+    return out
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Handler of ``diffquant export``."""
     if not (args.packed or args.onnx or args.float_onnx):
         raise ConfigError("nothing to export: give --packed OUT, --onnx OUT.onnx and/or --float-onnx OUT.onnx")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.calib_samples < 1:
+        raise ConfigError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     from ..fsutil import check_writable_dir
     from ..zoo.registry import load_model
 
@@ -73,9 +92,13 @@ def run_export(args: argparse.Namespace) -> int:
     if args.onnx:
         from .onnx_export import export_onnx
 
-        result = export_onnx(qmodel, example, args.onnx, opset=args.opset, mode=args.backend)
+        calibration = fused_calibration(bundle, args.calib_samples, args.batch) if args.backend == "fused" else None
+        result = export_onnx(qmodel, example, args.onnx, opset=args.opset, mode=args.backend, calibration=calibration)
         for p in result.paths:
             print(f"onnx ({args.backend}): {p} ({p.stat().st_size / 1024:.1f} KiB)")
+        for j, r in enumerate(result.requantized):
+            print(f"  graph {j}: {r['layers']} conv outputs requantized to 8 bits; output changed by relative RMS "
+                  f"{r['rel_rms_change']:.2e} on the calibration inputs")
         if len(result.paths) > 1:
             print(f"{len(result.paths)} graphs, one per timestep group; index: {result.sidecar}")
         for name, why in result.not_integer.items():

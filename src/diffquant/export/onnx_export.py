@@ -6,7 +6,8 @@ The export works on a deep copy of the QuantModel: every QuantLayer becomes an
 parameters as constants; ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter — the
 dynamo exporter needs onnxscript, which is not installed) traces it. See :mod:`.onnx_modules` for
 the two node layouts (``qdq``: QuantizeLinear/DequantizeLinear pairs, portable; ``integer``:
-ConvInteger/MatMulInteger, integer kernels in onnxruntime).
+ConvInteger/MatMulInteger, integer kernels in onnxruntime; ``fused``: ``qdq`` with 8-bit conv
+outputs calibrated here, the form onnxruntime fuses into QLinearConv — faster, not exact).
 
 Per-timestep activation parameters (docs/methods.md §1.7): **one graph per timestep group**. Rows of
 the tables that hold identical parameters for every quantizer form a group; each group is
@@ -54,6 +55,8 @@ class OnnxExport:
     not_integer: dict[str, str] = field(default_factory=dict)
     #: what was done to the recipe's result before exporting (:func:`.prepare.prepare_for_export`)
     preparation: ExportPreparation | None = None
+    #: ``fused`` mode, per graph: convs whose outputs were requantized and the change it makes
+    requantized: list[dict] = field(default_factory=list)
 
 
 class _Denoiser(nn.Module):
@@ -184,6 +187,38 @@ def export_model_at_row(qmodel: QuantModel, row: int, mode: str) -> tuple[nn.Mod
     return model, blockers
 
 
+def _call(model: nn.Module, inputs) -> Tensor:
+    args, kwargs = _split_inputs(inputs)
+    return denoiser_output_tensor(model(*args, **kwargs)).detach().float()
+
+
+@torch.no_grad()
+def requantize_outputs(model: nn.Module, calibration: list) -> dict:
+    """``fused`` mode: give every fusable conv of the export ``model`` an 8-bit output over the
+    min/max its output takes on the ``calibration`` inputs; returns the layer count and the
+    relative RMS change of the model output on those inputs (the price of the extra rounding)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, OnnxQuantLayer) and m.output_fusable}
+    ranges = {name: [float("inf"), float("-inf")] for name in layers}
+
+    def observe(name):
+        def hook(_module, _inputs, output):
+            ranges[name][0] = min(ranges[name][0], float(output.amin()))
+            ranges[name][1] = max(ranges[name][1], float(output.amax()))
+        return hook
+
+    handles = [m.register_forward_hook(observe(name)) for name, m in layers.items()]
+    try:
+        before = [_call(model, inputs) for inputs in calibration]
+    finally:
+        for h in handles:
+            h.remove()
+    done = [name for name, m in layers.items() if m.requantize_output(*ranges[name])]
+    after = [_call(model, inputs) for inputs in calibration]
+    num = sum(float(((a - b) ** 2).sum()) for a, b in zip(after, before))
+    den = sum(float((b ** 2).sum()) for b in before)
+    return {"layers": len(done), "eligible": len(layers), "rel_rms_change": (num / den) ** 0.5 if den else 0.0}
+
+
 def timestep_groups(qmodel: QuantModel) -> list[list[int]]:
     """Rows of the per-timestep tables grouped by identical activation parameters (in row order)."""
     rows = qmodel.timestep_index.num_steps
@@ -215,11 +250,15 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     mode: str = "qdq",
+    calibration: list | None = None,
 ) -> OnnxExport:
     """Export the quantized denoiser ``qmodel`` to ONNX at ``path`` (see module docstring).
 
     ``example_inputs`` = (args, kwargs) of one denoiser call, e.g. ``((x, t), {"class_labels": y})``;
-    the batch dimension of every input is dynamic. ``mode``: ``qdq`` | ``integer``.
+    the batch dimension of every input is dynamic. ``mode``: ``qdq`` | ``integer`` | ``fused``.
+    ``calibration``: ``fused`` mode only, a list of such (args, kwargs) inputs on which the conv
+    output ranges are taken (default: ``example_inputs`` alone; give inputs from float
+    trajectories at several timesteps, as for the recipe's own calibration).
     """
     if not isinstance(qmodel, QuantModel):
         raise ConfigError(f"export_onnx() needs a QuantModel, got {type(qmodel).__name__}")
@@ -229,17 +268,31 @@ def export_onnx(
         raise ConfigError(f"per-channel QuantizeLinear/DequantizeLinear need opset >= 13, got {opset}")
     path = Path(path)
     _split_inputs(example_inputs)
+    if calibration is not None and mode != "fused":
+        raise ConfigError(f"calibration inputs are for mode='fused' (output ranges); mode {mode!r} takes none")
+    calibration = [example_inputs] if calibration is None else list(calibration)
+    if not calibration:
+        raise ConfigError("calibration must hold at least one (args, kwargs) input")
+    for inputs in calibration:
+        _split_inputs(inputs)
     qmodel, preparation = prepare_for_export(qmodel, example_inputs)
     if preparation.changed_outputs:
         warnings.warn(f"export_onnx(): {preparation.summary()}", stacklevel=2)
     groups = timestep_groups(qmodel)
     schedule = list(qmodel.timestep_index.timesteps)
-    paths, blockers = [], {}
+    paths, blockers, requantized = [], {}, []
     for j, rows in enumerate(groups):
         model, blockers = export_model_at_row(qmodel, rows[0], mode)
+        if mode == "fused":
+            requantized.append(requantize_outputs(model, calibration))
         target = _group_path(path, j)
         _torch_export(model, example_inputs, target, opset)
         paths.append(target)
+    if requantized:
+        worst = max(r["rel_rms_change"] for r in requantized)
+        warnings.warn(f"export_onnx(mode='fused'): {requantized[0]['layers']} conv outputs requantized to 8 bits "
+                      f"(onnxruntime QLinearConv); output changed by relative RMS {worst:.2e} on the calibration "
+                      "inputs against the exact qdq graph", stacklevel=2)
     # one graph serves every timestep unless the tables hold several parameter sets
     timesteps = None if len(groups) == 1 else [[schedule[k] for k in rows] for rows in groups]
     args, kwargs = _split_inputs(example_inputs)
@@ -253,9 +306,11 @@ def export_onnx(
         "timestep_lookup": qmodel.timestep_index.lookup,
         "not_integer": blockers,
         "preparation": preparation.to_dict(),
+        "requantized_outputs": requantized,
     }, indent=1)
     return OnnxExport(paths=paths, timesteps=timesteps, sidecar=sidecar, mode=mode,
-                      not_integer=blockers if mode == "integer" else {}, preparation=preparation)
+                      not_integer=blockers if mode == "integer" else {}, preparation=preparation,
+                      requantized=requantized)
 
 
 def export_float_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:

@@ -10,6 +10,13 @@ row, and traces to ONNX quantization nodes (:mod:`.onnx_ops`):
 - ``integer``: QuantizeLinear on the input, then ConvInteger / MatMulInteger on the codes and one
   float rescale (s_x·s_w per channel) plus the bias — integer kernels in onnxruntime for every
   quantized Conv2d and Linear. Other kinds (ConvTranspose2d, Conv1d) use ``qdq``.
+- ``fused``: ``qdq`` plus an 8-bit Q/DQ pair on the output of every quantized single-input Conv2d
+  and its bias as int32 codes on the s_x·s_w grid — the DQ → Conv → Q pattern that onnxruntime
+  fuses into QLinearConv (a conv whose output is not quantized runs in float there). The output
+  ranges are calibrated at export (:func:`~.onnx_export.export_onnx`); the extra rounding per conv
+  output is not in the fake-quant model, so this mode trades exactness for speed and the export
+  measures and reports the change. Linear layers need no output Q: onnxruntime already fuses
+  their DQ → MatMul into MatMulIntegerToFloat.
 
 Weights: the codes centred on their zero point, q − z, fit int8 (zero point 0) for every grid up
 to 7 bits and for symmetric 8-bit grids. A 4-bit grid thus becomes int8 codes in −15…15
@@ -34,8 +41,18 @@ from .codes import (
 )
 from .onnx_ops import ConvInteger, DequantizeWeight, MatMulInteger, QuantizeDequantize, QuantizeToUint8
 
-MODES = ("qdq", "integer")
+MODES = ("qdq", "integer", "fused")
 INTEGER_KINDS = ("Conv2d", "Linear")
+INT32_LIMIT = 2**31 - 1
+
+
+def uint8_range_codes(lo: float, hi: float) -> ActCodes:
+    """Asymmetric uint8 codes covering [min(lo, 0), max(hi, 0)] (a requantized layer output)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, torch.finfo(torch.float32).tiny)
+    zero = int(min(255, max(0, round(-lo / scale))))
+    step = torch.tensor(scale, dtype=torch.float32)
+    return ActCodes(scale=float(step), zero_point=zero, qmin=0, qmax=255, offset=0, bits=8, step=step)
 
 
 def check_onnx_act(act: ActCodes | None, what: str) -> ActCodes | None:
@@ -107,6 +124,11 @@ class OnnxQuantLayer(nn.Module):
                 self.weight_parts.append(_WeightPart(wc, transpose=self.kind == "Linear"))
         else:
             self.float_weight = layer.weight.detach().float().clone()
+        self.mode = mode
+        #: ``fused`` mode: the 8-bit codes of this layer's output (set by :meth:`requantize_output`)
+        self.output_act: ActCodes | None = None
+        self.register_buffer("bias_codes", None)
+        self.register_buffer("bias_scale", None)
         #: why this layer does not run on an integer operator (None when it does)
         self.integer_blocker = self._integer_blocker(mode)
         if self.integer_blocker is None:
@@ -114,7 +136,7 @@ class OnnxQuantLayer(nn.Module):
 
     def _integer_blocker(self, mode: str) -> str | None:
         if mode != "integer":
-            return "qdq mode"
+            return f"{mode} mode"
         if self.kind not in INTEGER_KINDS:
             return f"no ONNX integer operator for {self.kind}"
         if self.float_weight is not None:
@@ -128,6 +150,33 @@ class OnnxQuantLayer(nn.Module):
         if self.kind == "Conv2d" and isinstance(self.op_args.get("padding"), str):
             return "string padding"
         return None
+
+    @property
+    def output_fusable(self) -> bool:
+        """Whether ``fused`` mode quantizes this layer's output (one DQ-fed Conv2d, see module docstring)."""
+        return (self.mode == "fused" and self.kind == "Conv2d" and self.split is None and self.float_weight is None
+                and self.acts[0] is not None and self.acts[0].channel_multiplier is None
+                and not isinstance(self.op_args.get("padding"), str))
+
+    def requantize_output(self, lo: float, hi: float) -> bool:
+        """Quantize the output to uint8 over [lo, hi] and the bias to int32 on the s_x·s_w grid;
+        False (nothing changed) where the bias codes would not fit int32."""
+        if not self.output_fusable:
+            raise ExportError("requantize_output() needs a single-input quantized Conv2d in fused mode")
+        if self.bias is not None:
+            step = (self.weight_parts[0].scale.double() * self.acts[0].scale).float()
+            codes = torch.round(self.bias.double() / step.double())
+            if not bool(codes.abs().max() <= INT32_LIMIT):
+                return False
+            self.bias_codes = codes.to(torch.int32)
+            self.bias_scale = step
+        self.output_act = uint8_range_codes(lo, hi)
+        return True
+
+    def _bias(self) -> Tensor | None:
+        if self.bias_codes is None:
+            return self.bias
+        return DequantizeWeight.apply(self.bias_codes, self.bias_scale, torch.zeros_like(self.bias_codes), 0)
 
     def _prepare_integer(self) -> None:
         channel_dims = 4 if self.kind == "Conv2d" else 1
@@ -177,7 +226,7 @@ class OnnxQuantLayer(nn.Module):
             y = torch.matmul(x, w)
             return y if self.bias is None else y + self.bias
         if self.kind == "Conv2d":
-            return F.conv2d(x, w, self.bias, **self.op_args)
+            return qdq(F.conv2d(x, w, self._bias(), **self.op_args), self.output_act)
         if self.kind == "Conv1d":
             return F.conv1d(x, w, self.bias, **self.op_args)
         return F.conv_transpose2d(x, w, self.bias, **self.op_args)
