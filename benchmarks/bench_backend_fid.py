@@ -4,6 +4,8 @@ For each bit setting, one naive-calibrated model is sampled from the same seeds 
 - the PyTorch fake-quant model (the reference the recipes are measured with),
 - the native PyTorch int8 backend (``diffquant sample --backend int8``: oneDNN int8 kernels),
 - the onnxruntime ``integer`` export (ConvInteger / MatMulInteger),
+- the onnxruntime ``fused`` export (8-bit conv outputs, QLinearConv; not exact: one more rounding
+  per conv, ranges from 8 float trajectories as ``diffquant export --backend fused`` takes them),
 and each image set is scored against the data set's test split (FID, sFID, precision, recall)
 and compared pixel-wise with the fake-quant images (PSNR). The noise scale is the FID gap
 between two independent full-precision sets (seeds 0 … N−1 and N … 2N−1): a backend "matches
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
     from diffquant.eval.inception import InceptionFeatures
     from diffquant.eval.report import environment_record, evaluate_images
     from diffquant.export.int8_backend import to_int8
+    from diffquant.export.export_cli import fused_calibration
     from diffquant.export.onnx_export import export_onnx
     from diffquant.export.onnx_runtime import OnnxDenoiser
     from diffquant.pipeline import CalibConfig, build_quant_config, default_guidance, parse_setting, quantize_bundle, reference_dataset
@@ -83,8 +86,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "denoiser.onnx"
             export_onnx(qmodel, bundle.example_inputs(2), onnx_path, mode="integer")
+            fused_path = Path(tmp) / "fused.onnx"
+            export_onnx(qmodel, bundle.example_inputs(2), fused_path, mode="fused",
+                        calibration=fused_calibration(bundle, 8, 16))
             backends = {"fake-quant": qmodel, "int8 (oneDNN)": to_int8(qmodel),
-                        "onnxruntime integer": OnnxDenoiser(onnx_path, threads=args.threads)}
+                        "onnxruntime integer": OnnxDenoiser(onnx_path, threads=args.threads),
+                        "onnxruntime fused": OnnxDenoiser(fused_path, threads=args.threads)}
             fake_images = None
             for name, denoiser in backends.items():
                 t0 = time.perf_counter()

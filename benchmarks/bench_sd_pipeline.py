@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", default=["naive:W8A8", "naive:W4A8"],
                    help="RECIPE:SETTING; reconstruction recipes (qdiffusion, dmq) also run, but they re-propagate "
                         "the calibration set per unit: hours at this size on 2 cores until issue #23")
+    p.add_argument("--spec", default=None,
+                   help="one row from a recipe spec (preset[:key=value,...], as diffquant bench) at --setting, "
+                        "instead of --rows (benchmarks/bench_sd_scaling.py runs one per process)")
+    p.add_argument("--setting", default="W4A8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu | cuda (benchmarks/gpu_check.sh)")
     p.add_argument("--name", default=None, help="results file stem (default: sd_pipeline[_tiny])")
@@ -138,17 +142,22 @@ def main(argv=None) -> int:
     fp_latents = final_latents(pipe, eval_prompts, args.steps)
     rows = [{"recipe": "fp32", "setting": "W32A32", "eps_rel_mse": 0.0, "latent_rel_mse": 0.0,
              "calib_s": 0.0, "peak_rss_mb": round(peak_rss_mb()), "load_avg": os.getloadavg()[0]}]
-    for spec in args.rows:
-        recipe, setting = spec.split(":")
+    specs = [(args.spec, args.setting)] if args.spec else [tuple(row.split(":")) for row in args.rows]
+    for spec, setting in specs:
+        if args.spec:
+            recipe, config = dq.pipeline.parse_recipe_spec(spec)
+        else:
+            recipe, config = spec, recipe_options[spec]
         wbits, abits = dq.pipeline.parse_setting(setting)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         qmodel = dq.apply_recipe(fp_unet, calib, recipe, dq.QuantConfig(weight_bits=wbits, act_bits=abits),
-                                 recipe_config=recipe_options[recipe], batch_size=16, device=args.device)
-        calib_s = time.perf_counter() - t0
+                                 recipe_config=config, batch_size=16, device=args.device)
+        calib_s, calib_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
         pipe.unet = qmodel
         q_latents = final_latents(pipe, eval_prompts, args.steps)
         pipe.unet = fp_unet
-        rows.append({"recipe": recipe, "setting": setting, "eps_rel_mse": teacher_forced_eps(qmodel, reference, fp_unet, args.device),
+        rows.append({"recipe": spec, "setting": setting, "units": len(qmodel.plan.units),
+                     "calib_cpu_s": round(calib_cpu_s, 1), "eps_rel_mse": teacher_forced_eps(qmodel, reference, fp_unet, args.device),
                      "latent_rel_mse": relative_mse(q_latents, fp_latents), "calib_s": round(calib_s, 1),
                      "peak_rss_mb": round(peak_rss_mb()), "load_avg": os.getloadavg()[0],
                      "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20)
