@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffquant.config import QuantConfig
+from diffquant.methods.naive import run_naive
+from diffquant.model import quantize
+
 TIMESTEPS = [999, 500, 1]
 
 
@@ -76,3 +80,32 @@ class CatNet(nn.Module):
 def catnet_inputs(seed: int = 0, batch: int = 2):
     x = torch.randn(batch, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
     return (x,), {}
+
+
+class Saturating(nn.Module):
+    """Weights of ±1 (8-bit codes ±127) in same-sign pairs and inputs near the top of the range
+    (8-bit codes near 255): u8×s8 pairs of up to 2·255·127 = 64770, beyond int16."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 3, 3, padding=1, bias=False)
+        self.lin = nn.Linear(32, 3, bias=False)
+        with torch.no_grad():
+            for layer in (self.conv, self.lin):
+                w = layer.weight
+                w[0] = 1.0
+                w[1] = -1.0
+                w[2] = torch.sign(torch.randn_like(w[2])) + 0.0
+
+    def forward(self, x):
+        return self.conv(x), self.lin(x.flatten(1)[:, :32])
+
+
+def saturating_case(weight_grid="symmetric", weight_bits=8):
+    torch.manual_seed(0)
+    net = Saturating().eval()
+    x = 0.9 + 0.1 * torch.rand(4, 16, 6, 6)  # asymmetric 8-bit inputs: codes 229..255
+    qmodel = quantize(net, QuantConfig(weight_bits=weight_bits, act_bits=8, weight_grid=weight_grid),
+                      example_inputs=((x,), {}))
+    run_naive(qmodel, lambda m: m(x))
+    return qmodel, x

@@ -15,7 +15,10 @@ from diffquant.errors import ConfigError
 from diffquant.export.int8_backend import Int8Layer, int8_kernels_available, to_int8
 from diffquant.methods.naive import run_naive
 from diffquant.model import quantize
-from export_testing import float64_copy, model_dtype, MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules
+from export_testing import (
+    float64_copy, model_dtype, MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules,
+    saturating_case,
+)
 
 pytestmark = pytest.mark.skipif(not int8_kernels_available(), reason="no oneDNN int8 kernels in this PyTorch")
 
@@ -158,40 +161,11 @@ def test_compiled_int8_falls_back_to_eager_when_inductor_fails(calibrated_unet, 
 
 
 # ----------------------------------------------------------------- exact products without VNNI/AMX
-class Saturating(nn.Module):
-    """Weights of ±1 (8-bit codes ±127) in same-sign pairs and inputs near the top of the range
-    (8-bit codes near 255): u8×s8 pairs of up to 2·255·127 = 64770, beyond int16."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(16, 3, 3, padding=1, bias=False)
-        self.lin = nn.Linear(32, 3, bias=False)
-        with torch.no_grad():
-            for layer in (self.conv, self.lin):
-                w = layer.weight
-                w[0] = 1.0
-                w[1] = -1.0
-                w[2] = torch.sign(torch.randn_like(w[2])) + 0.0
-
-    def forward(self, x):
-        return self.conv(x), self.lin(x.flatten(1)[:, :32])
-
-
-def _saturating_case(weight_grid="symmetric", weight_bits=8):
-    torch.manual_seed(0)
-    net = Saturating().eval()
-    x = 0.9 + 0.1 * torch.rand(4, 16, 6, 6)  # asymmetric 8-bit inputs: codes 229..255
-    qmodel = quantize(net, QuantConfig(weight_bits=weight_bits, act_bits=8, weight_grid=weight_grid),
-                      example_inputs=((x,), {}))
-    run_naive(qmodel, lambda m: m(x))
-    return qmodel, x
-
-
 @pytest.mark.parametrize("saturating", [None, True])
 @pytest.mark.parametrize("weight_grid", ["symmetric", "asymmetric"])
 def test_products_beyond_int16_stay_exact(saturating, weight_grid):
     """None: the kernels as probed on this CPU; True: the path for CPUs without VNNI/AMX, forced."""
-    qmodel, x = _saturating_case(weight_grid)
+    qmodel, x = saturating_case(weight_grid)
     int8 = to_int8(qmodel, saturating=saturating)
     report = int8.int8_report
     if saturating:
@@ -207,7 +181,7 @@ def test_products_beyond_int16_stay_exact(saturating, weight_grid):
 
 def test_products_that_fit_int16_take_one_kernel_call():
     """W4 codes (|w| ≤ 15): 2·255·15 fits int16, so even the saturating path needs no split."""
-    qmodel, x = _saturating_case("symmetric", weight_bits=4)
+    qmodel, x = saturating_case("symmetric", weight_bits=4)
     int8 = to_int8(qmodel, saturating=True)
     assert int8.int8_report.saturating and int8.int8_report.split_products == []
     with torch.no_grad():
@@ -225,9 +199,9 @@ def test_trusting_saturating_kernels_would_be_caught(tmp_path):
     script = textwrap.dedent("""
         import torch, sys
         sys.path.insert(0, %r)
-        from test_int8 import _saturating_case
+        from export_testing import saturating_case
         from diffquant.export.int8_backend import int8_products_saturate, to_int8
-        qmodel, x = _saturating_case()
+        qmodel, x = saturating_case()
         with torch.no_grad():
             fake = qmodel(x)[0]
             wrong = to_int8(qmodel, saturating=False)(x)[0]

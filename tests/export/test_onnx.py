@@ -22,8 +22,12 @@ from diffquant.errors import ConfigError
 from diffquant.export.codes import ExportError
 from diffquant.export.onnx_export import export_float_onnx, export_onnx
 from diffquant.export.onnx_runtime import OnnxDenoiser, optimized_op_types
+from diffquant.methods.naive import run_naive
 from diffquant.model import quantize
-from export_testing import float64_copy, model_dtype, MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules
+from export_testing import (
+    float64_copy, model_dtype, MIXED_RULE_REASONS, TIMESTEPS, assert_matches_fake_quant, catnet_inputs, mixed_rules,
+    Saturating, saturating_case,
+)
 
 
 def _call(model, unet_inputs, batch=3, t=10, seed=7):
@@ -287,3 +291,49 @@ def test_fused_mode_options_are_checked(calibrated_unet, unet_inputs, tmp_path):
         export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "a.onnx", mode="qdq", calibration=[unet_inputs(batch=2)])
     with pytest.raises(ConfigError, match="at least one"):
         export_onnx(qmodel, unet_inputs(batch=2), tmp_path / "a.onnx", mode="fused", calibration=[])
+
+
+class _OneBranch(nn.Module):
+    """The saturation model with its two branches as one output (ONNX graphs have one output)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        conv, lin = self.net(x)
+        return torch.cat([conv.flatten(1), lin], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["qdq", "integer", "fused"])
+def test_int8_weights_that_could_saturate_run_on_exact_kernels(mode, tmp_path):
+    """8-bit symmetric weights ±127 against activation codes near 255: onnxruntime's u8×s8 kernels
+    saturate their int16 pair sums on x86 CPUs without VNNI (MatMulInteger, MatMulIntegerToFloat,
+    QLinearConv). Such weights are stored as uint8 c + 128 (zero point 128), run by exact u8×u8
+    kernels everywhere; ConvInteger and float convs keep int8."""
+    _, x = saturating_case("symmetric")  # its inputs: 8-bit codes 229..255
+    torch.manual_seed(0)
+    model = _OneBranch(Saturating().eval())
+    qmodel = quantize(model, QuantConfig(weight_bits=8, act_bits=8, weight_grid="symmetric"),
+                      example_inputs=((x,), {}))
+    run_naive(qmodel, lambda m: m(x))
+    assert {lp.name for lp in qmodel.plan.layers} == {"net.conv", "net.lin"}
+    if mode == "fused":
+        with pytest.warns(UserWarning, match="requantized"):
+            result = export_onnx(qmodel, ((x,), {}), tmp_path / "s.onnx", mode=mode, calibration=[((x,), {})])
+    else:
+        result = export_onnx(qmodel, ((x,), {}), tmp_path / "s.onnx", mode=mode)
+    graph = onnx.load(str(result.paths[0])).graph
+    codes = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".codes")}
+    lin = [w for name, w in codes.items() if ".lin." in name]
+    conv = [w for name, w in codes.items() if ".conv." in name]
+    assert lin and all(w.dtype == np.uint8 and w.max() == 255 for w in lin)  # 127 + 128
+    assert conv and all(w.dtype == (np.uint8 if mode == "fused" else np.int8) for w in conv)
+    with torch.no_grad():
+        fake = qmodel(x)
+    got = OnnxDenoiser(result.paths[0], threads=1)(x)
+    conv_part = fake.shape[1] - 3
+    # the Linear outputs are exact on every CPU (before: 255·127 pairs clipped at 32767 on AVX2)
+    torch.testing.assert_close(got[:, conv_part:], fake[:, conv_part:], rtol=0, atol=1e-5 * float(fake.abs().max()))
+    if mode != "fused":  # a fused conv output carries its extra 8-bit rounding
+        torch.testing.assert_close(got, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))

@@ -44,6 +44,10 @@ from .onnx_ops import ConvInteger, DequantizeWeight, MatMulInteger, QuantizeDequ
 MODES = ("qdq", "integer", "fused")
 INTEGER_KINDS = ("Conv2d", "Linear")
 INT32_LIMIT = 2**31 - 1
+#: the largest |int8 weight| whose products with any uint8 activation pair-sum within int16
+#: (2·255·64 ≤ 32767): onnxruntime's u8×s8 kernels on x86 CPUs without VNNI (AVX2) saturate
+#: beyond it, e.g. 255·127 + 255·127 → 32767 (MatMulInteger, MatMulIntegerToFloat, QLinearConv)
+SATURATION_FREE_INT8 = 64
 
 
 def uint8_range_codes(lo: float, hi: float) -> ActCodes:
@@ -68,15 +72,24 @@ def qdq(x: Tensor, act: ActCodes | None) -> Tensor:
 
 
 class _WeightPart(nn.Module):
-    """One weight part as integer codes: int8 centred codes, or uint8 codes + zero points."""
+    """One weight part as integer codes: int8 centred codes, or uint8 codes + zero points.
 
-    def __init__(self, wc: WeightCodes, transpose: bool):
+    ``wide_int8``: whether int8 codes beyond ±:data:`SATURATION_FREE_INT8` may be stored (the layer
+    is not run by a u8×s8 kernel: ConvInteger and float convs are exact with them); otherwise such
+    codes are stored as uint8 c + 128 with zero point 128 — the same values, run by onnxruntime's
+    exact u8×u8 kernels on every CPU.
+    """
+
+    def __init__(self, wc: WeightCodes, transpose: bool, wide_int8: bool = True):
         super().__init__()
         centered = wc.centered().to(torch.int64)
         self.axis = wc.axis
         self.fits_int8 = bool(centered.min() >= -128 and centered.max() <= 127) if centered.numel() else True
-        if self.fits_int8:
+        span = int(centered.abs().max()) if centered.numel() else 0
+        if self.fits_int8 and (wide_int8 or span <= SATURATION_FREE_INT8):
             codes, zero = centered.to(torch.int8), torch.zeros(wc.channels, dtype=torch.int8)
+        elif self.fits_int8:  # c + 128 ∈ [0, 255]
+            codes, zero = (centered + 128).to(torch.uint8), torch.full((wc.channels,), 128, dtype=torch.uint8)
         else:
             if wc.zero_point.min() < 0 or wc.zero_point.max() > 255:
                 raise ExportError("8-bit weight zero points outside uint8 cannot be exported")
@@ -121,7 +134,9 @@ class OnnxQuantLayer(nn.Module):
         self.register_buffer("float_weight", None)
         if weight_is_quantized(layer):
             for wc in layer_weight_codes(layer, name):
-                self.weight_parts.append(_WeightPart(wc, transpose=self.kind == "Linear"))
+                # Linear layers run on u8×s8 MatMul kernels, and so do fused convs (QLinearConv)
+                wide = self.kind != "Linear" and mode != "fused"
+                self.weight_parts.append(_WeightPart(wc, transpose=self.kind == "Linear", wide_int8=wide))
         else:
             self.float_weight = layer.weight.detach().float().clone()
         self.mode = mode
