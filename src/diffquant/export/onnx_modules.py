@@ -26,6 +26,10 @@ Activations likewise: a b-bit grid is a subset of uint8, enforced by a Clip (see
 stores q as uint8 with the per-channel zero point; ``integer`` stores q − 128 as int8 and adds
 (128 − z)·Σ(x − x_zp) over each window, from a one-channel ConvInteger with an all-ones kernel
 (MatMulInteger takes the per-column uint8 zero point directly).
+Where a u8×s8 kernel would run a part whose int8 codes exceed ±64 (Linear layers; convs in
+``fused`` mode), the part is stored as uint8 c + 128 with zero point 128 instead: onnxruntime's
+u8×s8 kernels saturate int16 pair sums on CPUs without VNNI, its u8×u8 ones do not
+(:data:`SATURATION_FREE_INT8`, docs/deploy.md).
 """
 from __future__ import annotations
 
