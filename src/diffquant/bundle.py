@@ -122,8 +122,8 @@ class DiffusionBundle:
         ``class_labels`` are ignored by unconditional models; a class-conditional model called
         without labels gets the null class. ``context`` defaults to zeros for cross-attention UNets.
         """
-        kwargs = self._call_kwargs(x.shape[0], class_labels, context, x.device, x.dtype)
-        return denoiser_output_tensor(unet(x, t, **kwargs))
+        args, kwargs = self.call_inputs(x, t, class_labels, context)
+        return denoiser_output_tensor(unet(*args, **kwargs))
 
     def example_inputs(self, batch: int = 2, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> tuple[tuple, dict[str, Any]]:

@@ -58,11 +58,8 @@ def fused_calibration(bundle, samples: int, batch: int, steps: int = 10) -> list
     from ..calib.select import all_steps
 
     calib = all_steps(capture_trajectories(bundle, samples, steps=steps, progress=False))
-    out = []
-    for start in range(0, len(calib), max(batch, 8)):
-        x, t, labels = calib[start:start + max(batch, 8)]
-        out.append(bundle.call_inputs(x, t, labels))
-    return out
+    size = max(batch, 8)
+    return [bundle.call_inputs(*calib[start:start + size]) for start in range(0, len(calib), size)]
 
 
 def run_export(args: argparse.Namespace) -> int:

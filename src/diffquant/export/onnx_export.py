@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..model.qmodel import QuantModel, remove_wrapper_hooks
 from ..bundle import denoiser_output_tensor
 from .codes import ExportError
-from .prepare import ExportPreparation, prepare_for_export
+from .prepare import ExportPreparation, call_denoiser, prepare_for_export, relative_rms
 from .onnx_modules import MODES, OnnxAttnProcessor, OnnxQuantLayer
 from ..jsonio import write_json
 
@@ -187,11 +187,6 @@ def export_model_at_row(qmodel: QuantModel, row: int, mode: str) -> tuple[nn.Mod
     return model, blockers
 
 
-def _call(model: nn.Module, inputs) -> Tensor:
-    args, kwargs = _split_inputs(inputs)
-    return denoiser_output_tensor(model(*args, **kwargs)).detach().float()
-
-
 @torch.no_grad()
 def requantize_outputs(model: nn.Module, calibration: list) -> dict:
     """``fused`` mode: give every fusable conv of the export ``model`` an 8-bit output over the
@@ -208,15 +203,13 @@ def requantize_outputs(model: nn.Module, calibration: list) -> dict:
 
     handles = [m.register_forward_hook(observe(name)) for name, m in layers.items()]
     try:
-        before = [_call(model, inputs) for inputs in calibration]
+        before = torch.cat([call_denoiser(model, inputs) for inputs in calibration])
     finally:
         for h in handles:
             h.remove()
     done = [name for name, m in layers.items() if m.requantize_output(*ranges[name])]
-    after = [_call(model, inputs) for inputs in calibration]
-    num = sum(float(((a - b) ** 2).sum()) for a, b in zip(after, before))
-    den = sum(float((b ** 2).sum()) for b in before)
-    return {"layers": len(done), "eligible": len(layers), "rel_rms_change": (num / den) ** 0.5 if den else 0.0}
+    after = torch.cat([call_denoiser(model, inputs) for inputs in calibration])
+    return {"layers": len(done), "eligible": len(layers), "rel_rms_change": relative_rms(after, before)}
 
 
 def timestep_groups(qmodel: QuantModel) -> list[list[int]]:

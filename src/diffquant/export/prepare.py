@@ -66,9 +66,15 @@ class ExportPreparation:
                 "output_change": self.output_change}
 
 
-def _call(model, example_inputs) -> Tensor:
-    args, kwargs = example_inputs
+def call_denoiser(model, inputs) -> Tensor:
+    """The denoiser output tensor of ``model`` on ``inputs`` = (args, kwargs), in float64."""
+    args, kwargs = inputs
     return denoiser_output_tensor(model(*args, **kwargs)).detach().double()
+
+
+def relative_rms(after: Tensor, before: Tensor) -> float:
+    """‖after − before‖ / ‖before‖ (root mean squares): how much an export step changed an output."""
+    return float((after - before).pow(2).mean().sqrt() / before.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 @torch.no_grad()
@@ -109,8 +115,7 @@ def prepare_for_export(qmodel: QuantModel, example_inputs=None) -> tuple[QuantMo
     if report.folded_tau:
         model = fold_input_scales(model)
     if report.changed_outputs and example_inputs is not None:
-        before, after = _call(qmodel, example_inputs), _call(model, example_inputs)
-        report.output_change = float((after - before).pow(2).mean().sqrt() / before.pow(2).mean().sqrt().clamp_min(1e-30))
+        report.output_change = relative_rms(call_denoiser(model, example_inputs), call_denoiser(qmodel, example_inputs))
     return model, report
 
 
